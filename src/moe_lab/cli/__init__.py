@@ -1,0 +1,1 @@
+"""The ``moe-lab`` command line. Each subcommand lives in its own ``cmd_<name>.py`` module."""
