@@ -100,7 +100,9 @@ class Config(BaseModel):
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{cls.__name__}: expected a mapping of keys to values, got {type(data).__name__}")
+            raise ConfigError(
+                f"{cls.__name__}: expected a mapping of keys to values, got {type(data).__name__}"
+            )
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -68,7 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as err:
+    except (
+        CLIError,
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        ValueError,
+    ) as err:
         if os.environ.get("MOE_LAB_DEBUG"):
             raise
         msg = str(err) or type(err).__name__

@@ -1,0 +1,273 @@
+"""Eviction policies for a bounded expert cache, shared by the simulator and the runtime cache.
+
+Each policy manages a set of resident keys (an expert id, or a ``(layer, expert)`` pair for a global cache)
+of at most ``capacity`` entries. The protocol, called once per request in request order:
+
+- ``access(key, t, weight)`` returns True on a hit. On a miss the expert is loaded for this request (it is
+  always computed), and the policy decides whether to keep it resident, evicting a victim when full.
+- ``resident`` is the current set of resident keys.
+
+Policies:
+    ``lru``           evict the least recently used expert.
+    ``lfu``           evict the least frequently used expert (counts since the start; ties -> least recent).
+    ``weighted_lru``  evict the expert with the smallest exponentially decayed sum of router weights
+                      (recency x frequency x how much the router relied on it; ``decay`` per request step).
+    ``pin``           keep a fixed set of the most frequent experts of a usage profile; others are loaded
+                      for their request only and never kept (no churn).
+    ``belady``        Belady's offline optimum (MIN) with bypass: needs the future; on a miss, evicts the
+                      resident (or skips keeping the new expert) whose next use is farthest away. It is an
+                      upper bound of the hit rate of every policy above on the same request stream.
+
+Example:
+    >>> p = make_policy("lru", capacity=2)
+    >>> [p.access(k, t) for t, k in enumerate([1, 2, 1, 3, 2])]
+    [False, False, True, False, False]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+
+__all__ = [
+    "POLICIES",
+    "BeladyPolicy",
+    "CachePolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "PinPolicy",
+    "WeightedLRUPolicy",
+    "make_policy",
+]
+
+Key = Hashable
+
+
+class CachePolicy:
+    """Base class: a bounded set of resident keys with a replacement rule."""
+
+    name = "base"
+
+    def __init__(self, capacity: int) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer number of experts, got {capacity!r}")
+        self.capacity = capacity
+
+    @property
+    def resident(self) -> set[Key]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def evict_candidate(self) -> Key | None:
+        """The key the policy would evict next (None when not full). Used by the runtime cache."""
+        return None
+
+
+class LRUPolicy(CachePolicy):
+    """Least recently used."""
+
+    name = "lru"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    @property
+    def resident(self) -> set[Key]:
+        return set(self._order)
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        if key in self._order:
+            self._order.move_to_end(key)
+            return True
+        if len(self._order) >= self.capacity:
+            self._order.popitem(last=False)
+        self._order[key] = None
+        return False
+
+    def evict_candidate(self) -> Key | None:
+        if len(self._order) < self.capacity:
+            return None
+        return next(iter(self._order))
+
+
+class LFUPolicy(CachePolicy):
+    """Least frequently used (frequency counted since the start, ties broken by recency)."""
+
+    name = "lfu"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._freq: dict[Key, int] = {}
+        self._last: dict[Key, int] = {}
+        self._resident: set[Key] = set()
+
+    @property
+    def resident(self) -> set[Key]:
+        return set(self._resident)
+
+    def _victim(self) -> Key:
+        return min(self._resident, key=lambda k: (self._freq[k], self._last[k]))
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        self._freq[key] = self._freq.get(key, 0) + 1
+        self._last[key] = t
+        if key in self._resident:
+            return True
+        if len(self._resident) >= self.capacity:
+            self._resident.discard(self._victim())
+        self._resident.add(key)
+        return False
+
+    def evict_candidate(self) -> Key | None:
+        return self._victim() if len(self._resident) >= self.capacity else None
+
+
+class WeightedLRUPolicy(CachePolicy):
+    """Evict the smallest exponentially decayed sum of router weights (recency and importance)."""
+
+    name = "weighted_lru"
+
+    def __init__(self, capacity: int, decay: float = 0.9) -> None:
+        super().__init__(capacity)
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        self.decay = decay
+        self._log_decay = math.log(decay)
+        # score is stored as (value, time it refers to); value at t' is value * decay**(t' - time)
+        self._score: dict[Key, tuple[float, int]] = {}
+        self._resident: set[Key] = set()
+
+    @property
+    def resident(self) -> set[Key]:
+        return set(self._resident)
+
+    def _value(self, key: Key, t: int) -> float:
+        value, at = self._score.get(key, (0.0, t))
+        return value * math.exp(self._log_decay * (t - at)) if value else 0.0
+
+    def _victim(self, t: int) -> Key:
+        return min(self._resident, key=lambda k: self._value(k, t))
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        self._score[key] = (self._value(key, t) + max(float(weight), 1e-6), t)
+        if key in self._resident:
+            return True
+        if len(self._resident) >= self.capacity:
+            self._resident.discard(self._victim(t))
+        self._resident.add(key)
+        return False
+
+    def evict_candidate(self) -> Key | None:
+        if len(self._resident) < self.capacity:
+            return None
+        t = max((at for _, at in self._score.values()), default=0)
+        return self._victim(t)
+
+
+class PinPolicy(CachePolicy):
+    """Keep the ``capacity`` most frequent experts of a usage profile; load others for one request only."""
+
+    name = "pin"
+
+    def __init__(self, capacity: int, profile: dict[Key, float] | None = None) -> None:
+        super().__init__(capacity)
+        self._pinned: set[Key] = set()
+        self._resident: set[Key] = set()
+        if profile is not None:
+            self.set_profile(profile)
+
+    def set_profile(self, profile: dict[Key, float]) -> None:
+        """Choose the pinned set: the ``capacity`` keys with the highest usage (ties by key order)."""
+        ranked = sorted(profile.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        self._pinned = {k for k, _ in ranked[: self.capacity]}
+
+    @property
+    def pinned(self) -> set[Key]:
+        return set(self._pinned)
+
+    @property
+    def resident(self) -> set[Key]:
+        return set(self._resident)
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        if key in self._resident:
+            return True
+        if key in self._pinned:  # loaded on first use, then kept for good
+            self._resident.add(key)
+        return False
+
+
+class BeladyPolicy(CachePolicy):
+    """Belady's MIN with bypass. Needs ``next_use[i]`` for request ``i`` (``math.inf`` if never again).
+
+    Call :meth:`access` with ``t`` equal to the request's position in the stream the ``next_use`` list was
+    computed for (see :func:`next_use_positions`).
+    """
+
+    name = "belady"
+
+    def __init__(self, capacity: int, next_use: Sequence[float]) -> None:
+        super().__init__(capacity)
+        self._next_use = next_use
+        self._resident: dict[Key, float] = {}
+
+    @property
+    def resident(self) -> set[Key]:
+        return set(self._resident)
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        nxt = self._next_use[t]
+        if key in self._resident:
+            self._resident[key] = nxt
+            return True
+        if len(self._resident) < self.capacity:
+            self._resident[key] = nxt
+            return False
+        victim = max(self._resident, key=lambda k: self._resident[k])
+        if self._resident[victim] > nxt:
+            del self._resident[victim]
+            self._resident[key] = nxt
+        return False  # else: bypass, the new expert is used once and not kept
+
+
+def next_use_positions(keys: Sequence[Key]) -> list[float]:
+    """For each request position, the position of the next request of the same key (``inf`` if none)."""
+    nxt: list[float] = [math.inf] * len(keys)
+    seen: dict[Key, int] = {}
+    for i in range(len(keys) - 1, -1, -1):
+        nxt[i] = seen.get(keys[i], math.inf)
+        seen[keys[i]] = i
+    return nxt
+
+
+POLICIES = ("lru", "lfu", "weighted_lru", "pin", "belady")
+
+
+def make_policy(
+    name: str,
+    capacity: int,
+    *,
+    profile: dict[Key, float] | None = None,
+    future: Iterable[Key] | None = None,
+    decay: float = 0.9,
+) -> CachePolicy:
+    """Build a policy by name. ``pin`` needs ``profile``; ``belady`` needs ``future`` (the request keys)."""
+    if name == "lru":
+        return LRUPolicy(capacity)
+    if name == "lfu":
+        return LFUPolicy(capacity)
+    if name == "weighted_lru":
+        return WeightedLRUPolicy(capacity, decay=decay)
+    if name == "pin":
+        if profile is None:
+            raise ValueError("policy 'pin' needs a usage profile (expert -> frequency)")
+        return PinPolicy(capacity, profile)
+    if name == "belady":
+        if future is None:
+            raise ValueError("policy 'belady' is offline: it needs the whole future request stream")
+        return BeladyPolicy(capacity, next_use_positions(list(future)))
+    raise ValueError(f"unknown eviction policy {name!r}; expected one of {', '.join(POLICIES)}")

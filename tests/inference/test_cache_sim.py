@@ -1,0 +1,201 @@
+"""Expert-cache policies and the trace simulator, against hand-computed and brute-force answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_lab.inference.cache_policies import (
+    BeladyPolicy,
+    LFUPolicy,
+    LRUPolicy,
+    PinPolicy,
+    WeightedLRUPolicy,
+    make_policy,
+    next_use_positions,
+)
+from moe_lab.inference.cache_sim import compare_policies, format_table, simulate
+from moe_lab.inference.trace import RoutingTrace, load_trace, save_trace
+
+
+def _hits(policy, keys, weights=None):
+    weights = weights or [1.0] * len(keys)
+    return [policy.access(k, t, w) for t, (k, w) in enumerate(zip(keys, weights))]
+
+
+def test_lru_hand_sequence():
+    assert _hits(LRUPolicy(2), [1, 2, 1, 3, 2, 1]) == [False, False, True, False, False, False]
+    assert _hits(LRUPolicy(2), [1, 2, 1, 3, 1, 2]) == [False, False, True, False, True, False]
+
+
+def test_lfu_keeps_frequent():
+    # 1 is used 3 times, 2 once: with capacity 2, the 3 evicts 2, not 1.
+    p = LFUPolicy(2)
+    _hits(p, [1, 1, 1, 2, 3])
+    assert p.resident == {1, 3}
+
+
+def test_weighted_lru_prefers_heavy_weights():
+    p = WeightedLRUPolicy(2, decay=0.99)
+    _hits(p, [1, 2, 3], [0.9, 0.1, 0.5])
+    assert p.resident == {1, 3}
+
+
+def test_pin_never_churns():
+    p = PinPolicy(2, {0: 10.0, 1: 5.0, 2: 1.0})
+    assert _hits(p, [2, 0, 2, 0, 1, 1]) == [False, False, False, True, False, True]
+    assert p.resident == {0, 1}
+
+
+def test_next_use_positions():
+    assert next_use_positions(["a", "b", "a", "c", "b"]) == [2, 4, float("inf"), float("inf"), float("inf")]
+
+
+def _brute_force_optimum(keys, capacity):
+    """Best hit count over every keep/evict decision (with bypass), by exhaustive search."""
+    best = 0
+
+    def rec(t, resident, hits):
+        nonlocal best
+        if t == len(keys):
+            best = max(best, hits)
+            return
+        k = keys[t]
+        if k in resident:
+            rec(t + 1, resident, hits + 1)
+            return
+        rec(t + 1, resident, hits)  # bypass
+        if len(resident) < capacity:
+            rec(t + 1, resident | {k}, hits)
+        else:
+            for v in resident:
+                rec(t + 1, (resident - {v}) | {k}, hits)
+
+    rec(0, frozenset(), 0)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_belady_is_optimal_on_small_streams(seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, 5, (11,), generator=g).tolist()
+    for cap in (1, 2, 3):
+        belady = sum(_hits(BeladyPolicy(cap, next_use_positions(keys)), keys))
+        assert belady == _brute_force_optimum(keys, cap)
+
+
+def _random_trace(seed, n=300, layers=3, experts=8, k=2, skew=1.5):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.arange(1, experts + 1, dtype=torch.float).pow(-skew)
+    idx = torch.stack(
+        [torch.stack([torch.multinomial(probs, k, generator=g) for _ in range(layers)]) for _ in range(n)]
+    )
+    return RoutingTrace(idx, torch.rand(n, layers, k, generator=g), num_experts=experts)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_belady_bounds_every_policy(seed, scope):
+    trace = _random_trace(seed)
+    for cap in (1, 2, 4, 6):
+        results = {r.policy: r for r in compare_policies(trace, [cap], scopes=[scope])}
+        opt = results["belady"].hit_rate
+        for name, r in results.items():
+            assert r.requests == trace.num_tokens * trace.num_layers * trace.top_k
+            assert r.hit_rate <= opt + 1e-12, (name, cap, r.hit_rate, opt)
+
+
+def test_full_capacity_only_compulsory_misses():
+    trace = _random_trace(0, experts=6)
+    for policy in ("lru", "lfu", "weighted_lru", "belady", "pin"):
+        r = simulate(trace, policy, 6)
+        distinct = sum(int((f > 0).sum()) for f in trace.expert_frequencies())
+        assert r.misses == distinct, policy
+
+
+def test_unused_slots_are_not_requests():
+    idx = torch.tensor([[[0, -1]], [[0, 1]], [[-1, -1]]])
+    trace = RoutingTrace(idx, torch.ones(3, 1, 2), num_experts=2)
+    r = simulate(trace, "lru", 1)
+    assert r.requests == 3
+    assert r.hits == 1
+
+
+def test_trace_roundtrip_and_errors(tmp_path):
+    trace = _random_trace(1, n=20)
+    p = save_trace(trace, tmp_path / "t.safetensors")
+    back = load_trace(p)
+    assert torch.equal(back.expert_indices, trace.expert_indices)
+    assert torch.equal(back.weights, trace.weights)
+    assert back.num_experts == trace.num_experts
+    with pytest.raises(FileNotFoundError, match="trace file not found"):
+        load_trace(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read routing trace"):
+        load_trace(bad)
+    with pytest.raises(ValueError, match="num_experts is 2"):
+        RoutingTrace(torch.tensor([[[3]]]), torch.ones(1, 1, 1), num_experts=2)
+
+
+def test_bad_policy_and_capacity():
+    trace = _random_trace(2, n=10)
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
+        simulate(trace, "fifo", 2)
+    with pytest.raises(ValueError, match="capacity must be a positive"):
+        simulate(trace, "lru", 0)
+    with pytest.raises(ValueError, match="capacity must be a positive"):
+        make_policy("lru", 0)
+    with pytest.raises(ValueError, match="needs the whole future"):
+        make_policy("belady", 2)
+
+
+def test_table_has_ratio_column():
+    trace = _random_trace(3, n=50)
+    table = format_table(compare_policies(trace, [2, 4]))
+    assert "best online / belady" in table
+    assert table.count("\n") == 3
+
+
+def test_cli_cache_sim(tmp_path):
+    trace = _random_trace(4, n=80)
+    path = save_trace(trace, tmp_path / "trace.safetensors")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_lab",
+            "cache-sim",
+            str(path),
+            "--capacity",
+            "2,4",
+            "--plot",
+            str(tmp_path / "hit.png"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "belady" in out.stdout and "per_layer" in out.stdout
+    assert (tmp_path / "hit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run(
+        [sys.executable, "-m", "moe_lab", "cache-sim", str(path), "--capacity", "99"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "exceeds the 8 experts" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "moe_lab", "cache-sim", str(tmp_path / "nope.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "trace file not found" in missing.stderr
