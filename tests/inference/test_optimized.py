@@ -1,0 +1,173 @@
+"""Offloaded, quantised and selectively loaded experts against the fully loaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_lab.inference.optimized import OptimizedMoEModel, load_model, perplexity, usage_profile
+from moe_lab.models import MoEModel
+
+
+def _model(impl="loop", seed=0, **kw):
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_experts=8,
+        experts_per_token=2,
+        ffn_hidden_size=48,
+        impl=impl,
+    )
+    fields.update(kw)
+    m = MoEModel(**fields)
+    # spread the router so that many experts are used
+    for layer in m.moe_layers():
+        torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
+    return m.eval()
+
+
+def _copy(model):
+    clone = MoEModel(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval()
+
+
+def _ids(seed=1, b=2, s=24):
+    return torch.randint(0, 128, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    ("policy", "capacity", "storage"),
+    [(p, c, "host") for p in ("lru", "lfu", "weighted_lru", "pin") for c in (1, 3, 8)]
+    + [("lru", 1, "disk"), ("weighted_lru", 8, "disk")],
+)
+def test_cached_model_equals_full_model(policy, capacity, storage, tmp_path):
+    base = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    opt = OptimizedMoEModel(_copy(base))
+    profile = torch.arange(24, dtype=torch.float).reshape(3, 8)
+    cache = opt.enable_dynamic_loading(
+        capacity, policy, storage=storage, offload_dir=tmp_path / "experts", profile=profile
+    )
+    with torch.no_grad():
+        out = opt(ids).logits
+        out2 = opt(ids).logits
+    assert torch.equal(out, ref)
+    assert torch.equal(out2, ref)
+    stats = cache.get_stats()
+    assert stats.requests > 0
+    assert stats.hits + stats.misses == stats.requests
+    assert len(cache.resident_experts(0)) <= capacity
+    if capacity == 8 and policy != "pin":
+        assert stats.hits > 0
+    opt.close()
+
+
+def test_cached_model_close_to_grouped_path():
+    base = _model(impl="auto")
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    opt = OptimizedMoEModel(_copy(base))
+    opt.enable_dynamic_loading(2, "lru", storage="host")
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetch_and_global_scope():
+    base = _model()
+    ids = _ids(b=1, s=40)
+    with torch.no_grad():
+        ref = base(ids).logits
+    opt = OptimizedMoEModel(_copy(base))
+    cache = opt.enable_dynamic_loading(3, "lru", scope="global", storage="host", prefetch=True)
+    with torch.no_grad():
+        for t in range(1, ids.shape[1] + 1):  # token by token, like decoding without a KV cache
+            out = opt(ids[:, :t]).logits
+    assert torch.equal(out, ref)
+    st = cache.get_stats()
+    assert st.prefetched > 0
+    assert 0.0 <= st.prefetch_accuracy <= 1.0
+    assert st.bytes_loaded > 0
+    opt.close()
+
+
+def test_quantized_int8_close_and_smaller():
+    base = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    opt = OptimizedMoEModel(_copy(base))
+    full_bytes = opt.expert_weight_bytes()
+    opt.quantize(bits=8)
+    with torch.no_grad():
+        out = opt(ids).logits
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 0.02, float(err)
+    assert opt.expert_weight_bytes() < 0.3 * full_bytes
+    # routers untouched
+    for a, b in zip(base.moe_layers(), opt.model.moe_layers()):
+        assert torch.equal(a.router.gate.weight, b.router.gate.weight)
+
+
+def test_quantized_int4_bounded_error():
+    base = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    opt = OptimizedMoEModel(_copy(base)).quantize(bits=4, group_size=16)
+    with torch.no_grad():
+        out = opt(ids).logits
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 0.2, float(err)
+
+
+def test_selective_loading_routes_to_loaded_experts(tmp_path):
+    base = _model()
+    base.save_pretrained(str(tmp_path / "m"))
+    calib = [_ids(seed=s) for s in range(3)]
+    prof = usage_profile(base, calib)
+    assert prof.shape == (3, 8)
+    opt = OptimizedMoEModel.from_pretrained(
+        tmp_path / "m", expert_selection_strategy="frequency_based", num_experts_to_load=4, usage=prof
+    )
+    for i, keep in opt.loaded_experts.items():
+        expected = sorted(sorted(range(8), key=lambda j: (-float(prof[i, j]), j))[:4])
+        assert keep == expected
+    with torch.no_grad():
+        out = opt(_ids(seed=9))
+    for i, d in enumerate(out.routing):
+        used = set(d.expert_indices[d.slot_mask].tolist())
+        assert used <= set(opt.loaded_experts[i])
+    # all experts kept -> same perplexity as the full model
+    full = OptimizedMoEModel.from_pretrained(
+        tmp_path / "m", expert_selection_strategy="frequency_based", num_experts_to_load=8, usage=prof
+    )
+    data = [_ids(seed=20)]
+    assert perplexity(full, data) == pytest.approx(perplexity(base, data), rel=1e-6)
+    assert perplexity(opt, data) > 0
+
+
+def test_errors(tmp_path):
+    base = _model()
+    opt = OptimizedMoEModel(_copy(base))
+    with pytest.raises(ValueError, match="cache_size must be a positive"):
+        opt.enable_dynamic_loading(0)
+    with pytest.raises(ValueError, match="eviction_policy must be one of"):
+        opt.enable_dynamic_loading(2, "fifo")
+    with pytest.raises(ValueError, match="belady is offline"):
+        opt.enable_dynamic_loading(2, "belady")
+    with pytest.raises(ValueError, match="needs a usage profile"):
+        opt.enable_dynamic_loading(2, "pin")
+    with pytest.raises(ValueError, match="num_experts_to_load must be an int"):
+        opt.select_experts(1)
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        load_model(tmp_path / "nope")
+    base.save_pretrained(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="expert_selection_strategy must be one of"):
+        OptimizedMoEModel.from_pretrained(tmp_path / "m", expert_selection_strategy="best")
