@@ -136,3 +136,54 @@ def test_killed_rank_fails_fast_with_its_rank(tmp_path):
     proc = _run(tmp_path, "die", 2, "--ep", "2", "--steps", "10", "--die-rank", "1", check=False, timeout=120)
     assert proc.returncode != 0
     assert "rank" in (proc.stderr + proc.stdout).lower()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback(tmp_path, reference):
+    port = _free_port()
+    out = tmp_path / "mn.json"
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node-rank={node}",
+            "--nproc-per-node=2",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=moe-lab-test",
+            "--local-addr=127.0.0.1",
+            str(WORKER),
+            str(out),
+            "--ep",
+            "2",
+            "--dp-mode",
+            "fsdp",
+            "--steps",
+            "10",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        )
+    logs = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        logs.append(se[-3000:])
+        assert p.returncode == 0, "\n".join(logs)
+    data = json.loads(out.read_text())
+    assert data["world"] == 4
+    _close(data["losses"], reference)
