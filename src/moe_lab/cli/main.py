@@ -87,4 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # re-import: run as a script this module is `__main__`, and its CLIError would not be the one
+    # that the subcommands raise (they import moe_lab.cli.main)
+    from moe_lab.cli.main import main as _main
+
+    sys.exit(_main())

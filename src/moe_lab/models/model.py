@@ -1,0 +1,362 @@
+"""``MoEModel``: a decoder-only language model whose FFN layers are dense or Mixture-of-Experts.
+
+Embedding -> N x (RMSNorm -> GQA attention -> residual -> RMSNorm -> dense FFN or MoE -> residual) -> RMSNorm ->
+output projection. The same code covers Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Switch and dense models through
+:class:`ModelConfig`.
+
+Shape legend: B batch, S sequence, P cached length, D model dim, V vocabulary.
+
+Example:
+    >>> import torch
+    >>> model = MoEModel(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_experts=4)
+    >>> ids = torch.randint(0, 256, (2, 8))
+    >>> out = model(ids, labels=ids)
+    >>> out.logits.shape, len(out.routing)
+    (torch.Size([2, 8, 256]), 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_lab.models.config import ModelConfig
+from moe_lab.models.io import load_model_dir, save_model_dir
+from moe_lab.nn.moe import MoELayer
+from moe_lab.nn.router import RoutingDecision
+from moe_lab.nn.transformer import (
+    Attention,
+    DecoderBlock,
+    DenseFFN,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    build_attention_mask,
+)
+
+__all__ = ["MoEModel", "MoEOutput"]
+
+
+@dataclass
+class MoEOutput:
+    """Result of :meth:`MoEModel.forward`.
+
+    Attributes:
+        logits: ``[B, S, V]``.
+        loss: ``lm_loss + aux_loss + z_loss`` when labels were given, else None.
+        lm_loss: mean next-token cross-entropy over non-ignored targets (None without labels).
+        aux_loss: load-balancing loss summed over MoE layers, already times ``aux_loss_coef`` (0-dim tensor).
+        z_loss: router z-loss summed over MoE layers, already times ``z_loss_coef`` (0-dim tensor).
+        routing: one :class:`RoutingDecision` per MoE layer, in layer order.
+        kv_cache: the updated :class:`KVCache` when ``use_cache=True`` or a cache was passed, else None.
+    """
+
+    logits: Tensor
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    z_loss: Tensor | None = None
+    routing: list[RoutingDecision] = field(default_factory=list)
+    kv_cache: KVCache | None = None
+
+
+def _make_config(
+    config: ModelConfig | dict[str, Any] | None, defaults: dict[str, Any], fields: dict[str, Any]
+) -> ModelConfig:
+    if config is None:
+        return ModelConfig(**{**defaults, **fields})
+    if isinstance(config, dict):
+        return ModelConfig(**{**defaults, **config, **fields})
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
+    return ModelConfig(**{**config.to_dict(), **fields}) if fields else config
+
+
+class MoEModel(nn.Module):
+    """Decoder LM with dense or MoE FFN layers, built from a :class:`ModelConfig` or keyword fields.
+
+    ``MoEModel(cfg)``, ``MoEModel(vocab_size=256, num_experts=8, ...)`` or ``MoEModel(cfg, num_layers=4)``
+    (fields override the config). Family subclasses (``MixtralModel``, ...) supply family defaults.
+    """
+
+    family: ClassVar[str | None] = None
+    family_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: ModelConfig | dict[str, Any] | None = None, **fields: Any) -> None:
+        super().__init__()
+        cfg = _make_config(config, self.family_defaults, fields)
+        self.config = cfg
+        self.gradient_checkpointing = False
+        d = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.task_embed = nn.Embedding(cfg.num_tasks, d) if cfg.num_tasks > 0 else None
+        blocks = []
+        for i in range(cfg.num_layers):
+            r = cfg.resolve_layer(i)
+            attn = Attention(
+                d,
+                cfg.num_heads,
+                cfg.kv_heads,
+                cfg.effective_head_dim,
+                qk_norm=cfg.qk_norm,
+                qkv_bias=cfg.attention_bias,
+                out_bias=cfg.attention_out_bias,
+                dropout=cfg.dropout,
+                rms_norm_eps=cfg.rms_norm_eps,
+                layer_idx=i,
+            )
+            ffn: nn.Module
+            if r.is_moe:
+                ffn = MoELayer(
+                    d,
+                    r.ffn_hidden_size,
+                    r.num_experts,
+                    r.experts_per_token,
+                    router_type=r.router_type,
+                    activation=cfg.activation,
+                    norm_topk_prob=cfg.norm_topk_prob,
+                    capacity_factor=r.capacity_factor,
+                    eval_capacity_factor=cfg.eval_capacity_factor,
+                    jitter_eps=cfg.jitter_eps,
+                    num_shared_experts=r.num_shared_experts,
+                    shared_expert_hidden_size=cfg.shared_expert_hidden_size,
+                    shared_expert_gate=cfg.shared_expert_gate,
+                    bias_update_rate=cfg.bias_update_rate,
+                    expert_dropout=cfg.expert_dropout,
+                    init_std=cfg.init_std,
+                    impl=cfg.impl,
+                )
+            else:
+                ffn = DenseFFN(d, r.ffn_hidden_size, cfg.activation)
+            blocks.append(
+                DecoderBlock(
+                    attn, ffn, d, is_moe=r.is_moe, rms_norm_eps=cfg.rms_norm_eps, dropout=cfg.dropout
+                )
+            )
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.effective_head_dim, cfg.rope_theta)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        moe_ids = {id(m) for layer in self.moe_layers() for m in layer.modules()}  # MoELayer inits itself
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in moe_ids:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.task_embed is not None:
+            nn.init.zeros_(self.task_embed.weight)  # starts as a no-op, learns per-task router offsets
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MoEModel:
+        """Build a named preset (``tiny``, ``small``, ...) with optional field overrides.
+
+        >>> MoEModel.from_preset("tiny", num_layers=1).config.num_layers
+        1
+        """
+        from moe_lab.models.presets import get_preset
+
+        return cls(get_preset(name), **overrides)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> MoEModel:
+        """Import a Hugging Face checkpoint (directory with ``config.json`` + safetensors) via ``moe_lab.interop``."""
+        import importlib
+
+        interop = importlib.import_module("moe_lab.interop")
+        return interop.load_pretrained(path, family=cls.family, **kwargs)  # type: ignore[no-any-return]
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``config.yaml`` + ``model.safetensors`` atomically (temp dir + rename)."""
+        save_model_dir(self, directory)
+
+    @classmethod
+    def load(cls, directory: str, *, device: str | torch.device | None = None) -> MoEModel:
+        """Load a directory written by :meth:`save_pretrained`."""
+        cfg, state = load_model_dir(directory)
+        model = cls(config=cfg)
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{directory}: weights do not match the config (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+            )
+        model.load_state_dict(state)
+        return model.to(device) if device is not None else model
+
+    # ---- introspection -----------------------------------------------------------------------------
+    def blocks(self) -> list[DecoderBlock]:
+        """The decoder blocks, in order."""
+        return [blk for blk in self.layers if isinstance(blk, DecoderBlock)]
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in layer order."""
+        return [blk.mlp for blk in self.blocks() if isinstance(blk.mlp, MoELayer)]
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _routed_expert_params(self, layer: MoELayer) -> int:
+        return sum(p.numel() for p in layer.experts.parameters())
+
+    def num_active_params(self, *, exclude_embeddings: bool = False) -> int:
+        """Parameters used per token: everything except the routed experts a token does not select.
+
+        Each MoE layer counts ``k / E`` of its routed-expert parameters (``k`` = experts_per_token; for the
+        expert-choice router, the average experts per token). Embeddings and output projection count (as
+        Mixtral and OLMoE report "active parameters"); ``exclude_embeddings=True`` leaves out the token and
+        task embeddings (and the output projection when it is tied).
+        """
+        total = self.num_params()
+        for i, blk in enumerate(self.blocks()):
+            if isinstance(blk.mlp, MoELayer):
+                r = self.config.resolve_layer(i)
+                routed = self._routed_expert_params(blk.mlp)
+                total -= routed - routed * r.experts_per_token // r.num_experts
+        if exclude_embeddings:
+            total -= self.embed_tokens.weight.numel()
+            if self.task_embed is not None:
+                total -= self.task_embed.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Forward FLOPs per token at context length ``seq_len`` (default max_seq_len).
+
+        ``2 * N_matmul + 4 * L * S * H * Dh``: ``N_matmul`` = active parameters that take part in matrix
+        multiplies (everything active except the embedding lookups and norm weights; the output projection
+        counts even when tied), and the second term is attention scores plus weighted values over the full
+        context (the PaLM/Chinchilla convention; a causal kernel does about half of it).
+        """
+        cfg = self.config
+        s = cfg.max_seq_len if seq_len is None else seq_len
+        n = self.num_active_params(exclude_embeddings=True)
+        if cfg.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        n -= sum(p.numel() for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters())
+        attn = 4 * cfg.num_layers * s * cfg.num_heads * cfg.effective_head_dim
+        return 2 * n + attn
+
+    # ---- balancing ---------------------------------------------------------------------------------
+    def update_router_biases(self, routing: list[RoutingDecision]) -> None:
+        """Auxiliary-loss-free balancing: call each router's ``update_bias(tokens_per_expert)``."""
+        layers = self.moe_layers()
+        if len(routing) != len(layers):
+            raise ValueError(f"routing has {len(routing)} decisions for {len(layers)} MoE layers")
+        for layer, decision in zip(layers, routing):
+            update = getattr(layer.router, "update_bias", None)
+            if callable(update):
+                update(decision.tokens_per_expert)
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def _positions(self, mask_BK: Tensor | None, b: int, s: int, past: int, device: torch.device) -> Tensor:
+        if mask_BK is None:
+            return torch.arange(past, past + s, device=device)[None].expand(b, s)
+        pos_BK = (mask_BK.long().cumsum(-1) - 1).clamp(min=0)
+        return pos_BK[:, past:]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        use_cache: bool = False,
+        task_ids: Tensor | None = None,
+    ) -> MoEOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, S]`` token ids (only the new tokens when ``kv_cache`` holds the past).
+            attention_mask: ``[B, P + S]``, 1 = token, 0 = padding. Padding is excluded from attention,
+                routing statistics and the loss; positions count only real tokens (left padding works).
+            labels: ``[B, S]``, usually ``input_ids``; shifted inside; -100 is ignored.
+            position_ids: ``[B, S]`` explicit rotary positions (default: from the mask, or P..P+S-1).
+            kv_cache: a cache from a previous call with ``use_cache=True``.
+            use_cache: return a (new or updated) cache in ``MoEOutput.kv_cache``.
+            task_ids: ``[B]`` task index per row when ``num_tasks > 0`` (task-adaptive routing).
+        """
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        device = input_ids.device
+        if kv_cache is None and use_cache:
+            kv_cache = KVCache(cfg.num_layers)
+        past = kv_cache.get_seq_length() if kv_cache is not None else 0
+        if past + s > cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + s} exceeds max_seq_len ({cfg.max_seq_len})")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
+            raise ValueError(
+                f"attention_mask must be [batch, past + seq] = {(b, past + s)}, got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, b, s, past, device)
+        token_mask_BS = None if attention_mask is None else attention_mask[:, past:].bool()
+        router_bias_BSD = None
+        if self.task_embed is not None:
+            if task_ids is None:
+                raise ValueError(f"task_ids is required: the model has num_tasks={cfg.num_tasks}")
+            router_bias_BSD = self.task_embed(task_ids.to(device)).view(b, 1, -1)
+        elif task_ids is not None:
+            raise ValueError("task_ids given but the model has num_tasks=0")
+
+        h_BSD = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, h_BSD.dtype)
+        mask = build_attention_mask(attention_mask, s, past, device)
+        routing: list[RoutingDecision] = []
+        for blk in self.layers:
+            args = (h_BSD, cos, sin, mask, kv_cache, token_mask_BS, router_bias_BSD)
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                h_BSD, decision = checkpoint(blk, *args, use_reentrant=False)
+            else:
+                h_BSD, decision = blk(*args)
+            if decision is not None:
+                routing.append(decision)
+        logits = self.lm_head(self.norm(h_BSD))
+
+        aux, z = self._router_losses(routing, logits)
+        out = MoEOutput(logits=logits, aux_loss=aux, z_loss=z, routing=routing, kv_cache=kv_cache)
+        if labels is not None:
+            out.lm_loss = self._lm_loss(logits, labels, token_mask_BS)
+            out.loss = out.lm_loss + aux + z
+        return out
+
+    def _router_losses(self, routing: list[RoutingDecision], like: Tensor) -> tuple[Tensor, Tensor]:
+        from moe_lab.nn.losses import load_balancing_loss, router_z_loss
+
+        cfg = self.config
+        zero = like.new_zeros((), dtype=torch.float32)
+        aux, z = zero, zero
+        if cfg.aux_loss_coef > 0 and routing:
+            aux = cfg.aux_loss_coef * sum((load_balancing_loss(d) for d in routing), zero)
+        if cfg.z_loss_coef > 0 and routing:
+            z = cfg.z_loss_coef * sum((router_z_loss(d) for d in routing), zero)
+        return aux, z
+
+    @staticmethod
+    def _lm_loss(logits_BSV: Tensor, labels_BS: Tensor, token_mask_BS: Tensor | None) -> Tensor:
+        target_BS = labels_BS.to(logits_BSV.device)[:, 1:]
+        if token_mask_BS is not None:  # a target counts only when it and the token predicting it are real
+            target_BS = target_BS.masked_fill(~(token_mask_BS[:, 1:] & token_mask_BS[:, :-1]), -100)
+        target = target_BS.reshape(-1)
+        pred = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float()
+        # mean over non-ignored targets; 0 (not NaN) when every target is ignored, without a host sync
+        total = F.cross_entropy(pred, target, ignore_index=-100, reduction="sum")
+        return total / (target != -100).sum().clamp(min=1)

@@ -1,0 +1,334 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, dense FFN, block, KV cache.
+
+The numerics follow the Hugging Face Llama-family code that Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE share, so
+imported checkpoints give the same logits: RMSNorm computes in float32 and multiplies the weight after casting
+back; rotary uses float32 ``inv_freq`` and the ``rotate_half`` convention; attention scales by
+``head_dim ** -0.5``.
+
+Shape legend: B batch, S query length, P cached (past) length, K key length (P + S), D model dim,
+H query heads, G key/value heads, Dh head dim, F FFN hidden dim.
+
+Example:
+    >>> import torch
+    >>> attn = Attention(64, num_heads=4, num_kv_heads=2)
+    >>> rope = RotaryEmbedding(16)
+    >>> x_BSD = torch.randn(2, 5, 64)
+    >>> cos, sin = rope(torch.arange(5)[None].expand(2, 5), x_BSD.dtype)
+    >>> attn(x_BSD, cos, sin).shape
+    torch.Size([2, 5, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Attention",
+    "DecoderBlock",
+    "DenseFFN",
+    "KVCache",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "build_attention_mask",
+    "repeat_kv",
+    "rotate_half",
+]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: ``weight * (x / sqrt(mean(x^2) + eps))``, computed in float32.
+
+    >>> RMSNorm(8)(torch.ones(2, 8)).shape
+    torch.Size([2, 8])
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (the Llama/NeoX rotary convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
+    """Rotate queries or keys ``[B, heads, S, Dh]`` by per-position angles ``[B, S, Dh]``."""
+    cos = cos_BSD.unsqueeze(1)
+    sin = sin_BSD.unsqueeze(1)
+    return (x_BHSD * cos) + (rotate_half(x_BHSD) * sin)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables: ``forward(position_ids [B, S], dtype) -> (cos, sin) [B, S, Dh]``.
+
+    ``inv_freq = 1 / theta ** (arange(0, Dh, 2) / Dh)`` in float32; angles are computed in float32 and cast
+    to ``dtype`` at the end.
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = theta
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute ``inv_freq`` (after building on the meta device, for example)."""
+        arange = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=self.inv_freq.device).float()
+        self.inv_freq = 1.0 / (self.theta ** (arange / self.head_dim))
+
+    def forward(self, position_ids_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq.to(device=position_ids_BS.device, dtype=torch.float32)
+        freqs_BSd = position_ids_BS[..., None].float() * inv
+        emb_BSD = torch.cat((freqs_BSd, freqs_BSd), dim=-1)
+        return emb_BSD.cos().to(dtype), emb_BSD.sin().to(dtype)
+
+
+def repeat_kv(x_BGKD: Tensor, n_rep: int) -> Tensor:
+    """Repeat each key/value head ``n_rep`` times: ``[B, G, K, Dh] -> [B, G * n_rep, K, Dh]``."""
+    if n_rep == 1:
+        return x_BGKD
+    b, g, k, d = x_BGKD.shape
+    return x_BGKD[:, :, None].expand(b, g, n_rep, k, d).reshape(b, g * n_rep, k, d)
+
+
+class KVCache:
+    """Per-layer key/value tensors ``[B, G, P, Dh]`` for incremental decoding.
+
+    The model creates one when called with ``use_cache=True`` and returns it in ``MoEOutput.kv_cache``;
+    pass it back with ``kv_cache=...`` together with only the new tokens.
+
+    >>> cache = KVCache(num_layers=2)
+    >>> cache.get_seq_length()
+    0
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of cached positions (P)."""
+        k = self.keys[layer_idx]
+        return 0 if k is None else int(k.shape[-2])
+
+    def update(self, layer_idx: int, k_BGSD: Tensor, v_BGSD: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new keys/values for one layer; return all keys/values ``[B, G, P + S, Dh]``."""
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        if old_k is not None and old_v is not None:
+            k_BGSD = torch.cat((old_k, k_BGSD), dim=-2)
+            v_BGSD = torch.cat((old_v, v_BGSD), dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = k_BGSD, v_BGSD
+        return k_BGSD, v_BGSD
+
+    def select(self, batch_index: Tensor) -> KVCache:
+        """A cache keeping only the rows ``batch_index`` (e.g. to drop finished sequences)."""
+        out = KVCache(len(self))
+        out.keys = [None if k is None else k.index_select(0, batch_index) for k in self.keys]
+        out.values = [None if v is None else v.index_select(0, batch_index) for v in self.values]
+        return out
+
+
+def build_attention_mask(
+    attention_mask_BK: Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> Tensor | None:
+    """Boolean ``[B or 1, 1, S, K]`` mask (True = attend) combining causality and key padding.
+
+    Returns None when plain causal attention without an offset suffices (``is_causal=True`` then).
+    A padding query attends to itself so that its row is never empty (no NaNs); real tokens never see
+    padding keys.
+    """
+    if attention_mask_BK is None and past_len == 0:
+        return None
+    key_len = past_len + query_len
+    q_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    k_pos = torch.arange(key_len, device=device)[None, :]
+    causal_SK = k_pos <= q_pos
+    if attention_mask_BK is None:
+        return causal_SK[None, None]
+    keep_BK = attention_mask_BK.to(device=device, dtype=torch.bool)
+    diag_SK = k_pos == q_pos
+    return (causal_SK[None] & (keep_BK[:, None, :] | diag_SK[None]))[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and optional QK-norm.
+
+    Args:
+        hidden_size: model dim D.
+        num_heads: query heads H.
+        num_kv_heads: key/value heads G (H must be a multiple of G); None = H.
+        head_dim: Dh; None = D // H.
+        qk_norm: "none"; "full" = RMSNorm over all projected q (H*Dh) and k (G*Dh) before the head split
+            (OLMoE); "per_head" = RMSNorm over Dh per head (Qwen3-MoE).
+        qkv_bias: bias on the q/k/v projections (Qwen2-MoE). out_bias: bias on the output projection.
+        dropout: attention-probability dropout in training.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        qk_norm: str = "none",
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        dropout: float = 0.0,
+        rms_norm_eps: float = 1e-6,
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.layer_idx = layer_idx
+        self.dropout = dropout
+        self.qk_norm = qk_norm
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, q_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, hidden_size, bias=out_bias)
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        if qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(q_out, rms_norm_eps), RMSNorm(kv_out, rms_norm_eps)
+        elif qk_norm == "per_head":
+            self.q_norm, self.k_norm = (
+                RMSNorm(self.head_dim, rms_norm_eps),
+                RMSNorm(self.head_dim, rms_norm_eps),
+            )
+        elif qk_norm != "none":
+            raise ValueError(f"qk_norm must be 'none', 'full' or 'per_head', got {qk_norm!r}")
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_BSD: Tensor,
+        sin_BSD: Tensor,
+        mask_B1SK: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        b, s, _ = x_BSD.shape
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHD = q.view(b, s, self.num_heads, self.head_dim)
+        k_BSGD = k.view(b, s, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        q_BHSD = apply_rotary(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
+        k_BGSD = apply_rotary(k_BSGD.transpose(1, 2), cos_BSD, sin_BSD)
+        v_BGSD = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        is_causal = mask_B1SK is None and (kv_cache is None or kv_cache.get_seq_length(self.layer_idx) == 0)
+        if kv_cache is not None:
+            k_BGSD, v_BGSD = kv_cache.update(self.layer_idx, k_BGSD, v_BGSD)
+        n_rep = self.num_heads // self.num_kv_heads
+        k_BHKD, v_BHKD = repeat_kv(k_BGSD, n_rep), repeat_kv(v_BGSD, n_rep)
+        out_BHSD = F.scaled_dot_product_attention(
+            q_BHSD,
+            k_BHKD,
+            v_BHKD,
+            attn_mask=mask_B1SK,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and s > 1,
+            scale=self.head_dim**-0.5,
+        )
+        return self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class DenseFFN(nn.Module):
+    """Dense feed-forward: SwiGLU ``down(silu(gate(x)) * up(x))`` or GELU ``down(gelu(up(x)))``."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation must be 'swiglu' or 'gelu', got {activation!r}")
+        self.activation = activation
+        self.gate_proj = (
+            nn.Linear(hidden_size, ffn_hidden_size, bias=False) if activation == "swiglu" else None
+        )
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(F.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD))
+        return self.down_proj(F.gelu(self.up_proj(x_BSD)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); y = h + ffn(norm(h))``.
+
+    ``ffn`` is a :class:`DenseFFN` or an MoE layer whose forward returns ``(y, RoutingDecision)``
+    (``is_moe=True``); the block returns ``(y_BSD, decision or None)``.
+    """
+
+    def __init__(
+        self,
+        attention: Attention,
+        ffn: nn.Module,
+        hidden_size: int,
+        *,
+        is_moe: bool,
+        rms_norm_eps: float = 1e-6,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.self_attn = attention
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        self.mlp = ffn
+        self.is_moe = is_moe
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_BSD: Tensor,
+        sin_BSD: Tensor,
+        mask_B1SK: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        token_mask_BS: Tensor | None = None,
+        router_bias_BSD: Tensor | None = None,
+    ) -> tuple[Tensor, object | None]:
+        attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSD, sin_BSD, mask_B1SK, kv_cache)
+        h_BSD = x_BSD + self.resid_dropout(attn)
+        n_BSD = self.post_attention_layernorm(h_BSD)
+        decision = None
+        if self.is_moe:
+            router_in = None if router_bias_BSD is None else n_BSD + router_bias_BSD
+            y_BSD, decision = self.mlp(n_BSD, token_mask_BS=token_mask_BS, router_input_BSD=router_in)
+        else:
+            y_BSD = self.mlp(n_BSD)
+        return h_BSD + self.resid_dropout(y_BSD), decision
