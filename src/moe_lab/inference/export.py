@@ -131,7 +131,7 @@ def export_onnx(
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=int(model.config.max_seq_len))  # type: ignore[attr-defined]
     with torch.no_grad(), static_moe(model):
         program = torch.onnx.export(
-            _LogitsOnly(model),
+            _LogitsOnly(model).eval(),
             (example,),
             dynamo=True,
             input_names=["input_ids"],
