@@ -143,20 +143,17 @@ def test_bench_generate_bad_input_exit_2(
 def test_trace_run_dir_uses_the_runs_tokenizer(
     data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A run dir (config.yaml + checkpoints/step-N + tokenizer.json): newest checkpoint, run's tokenizer."""
-    import yaml
-    from safetensors.torch import save_file
-
+    """A real run dir written by the trainer: newest checkpoint, the run's own tokenizer."""
     from moe_lab.data import ByteTokenizer
+    from moe_lab.train import MoETrainer
 
     torch.manual_seed(1)
     model = MoEModel.from_preset("tiny", vocab_size=260)  # the byte tokenizer's ids incl. specials
     run = tmp_path / "run"
-    (run / "checkpoints" / "step-3").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict()}), encoding="utf-8")
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(run / "checkpoints" / "step-3" / "model.safetensors"))
-    ByteTokenizer().save(run)
+    data = torch.randint(0, 256, (8, 32))
+    MoETrainer(model, run_dir=run, tokenizer=ByteTokenizer(), console=False).train(
+        data, max_steps=2, batch_size=4, checkpoint_every=2
+    )
     out = tmp_path / "t.safetensors"
     rc = main(
         ["trace", str(run), "--data", str(data_file), "--max-tokens", "64", "--seq-len", "32", "-o", str(out)]

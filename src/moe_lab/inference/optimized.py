@@ -47,7 +47,7 @@ SELECTION_STRATEGIES = ("frequency_based", "random", "all")
 def load_model(path: str | os.PathLike[str], device: str | torch.device | None = None) -> Any:
     """Load a model from a moe-lab model dir, a run dir (latest checkpoint) or a Hugging Face dir."""
     from moe_lab.models import MoEModel
-    from moe_lab.models.io import WEIGHTS_NAME, load_model_config
+    from moe_lab.models.io import WEIGHTS_NAME
 
     p = Path(path)
     if not p.exists():
@@ -58,23 +58,11 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device | None =
         return MoEModel.load(str(p), device=device)
     if (p / "config.json").is_file():
         return MoEModel.from_pretrained(str(p)).to(device or "cpu")
-    ckpts = p / "checkpoints"
-    if ckpts.is_dir():
-        from safetensors.torch import load_file
+    if (p / "checkpoints").is_dir() and (p / "config.yaml").is_file():
+        from moe_lab.train.launch import load_run_model  # a run directory: the trainer knows its layout
 
-        steps = []
-        for d in ckpts.iterdir():
-            if d.is_dir() and d.name.startswith("step-") and (d / WEIGHTS_NAME).is_file():
-                try:
-                    steps.append((int(d.name.split("-", 1)[1]), d))
-                except ValueError:
-                    continue
-        if steps:
-            cfg = load_model_config(p)
-            model = MoEModel(cfg)
-            state = load_file(str(max(steps)[1] / WEIGHTS_NAME))
-            model.load_state_dict(state, strict=False)
-            return model.to(device or "cpu")
+        model, _, _, _ = load_run_model(p, device=str(device or "cpu"))
+        return model
     raise FileNotFoundError(
         f"{p}: no model found (expected model.safetensors + config.yaml, config.json, or checkpoints/)"
     )
