@@ -1,0 +1,166 @@
+"""Dispatch: permute token-slots by expert, run the experts, unpermute and combine.
+
+Shape legend: T tokens, K slots per token, N kept slots (rows sorted by expert), E experts, C capacity
+slots per expert, D model dim.
+
+Two layouts, chosen by ``impl`` (not by copy-paste):
+
+* dropless grouped (``"auto"``, ``"grouped_mm"``, ``"loop"``): kept slots are sorted by expert into
+  contiguous row blocks (stable sort: token order inside a block), the experts run one matmul per block
+  (:func:`moe_lab.nn.experts.grouped_matmul`), and each row is scaled by its combine weight and added back
+  to its token (``index_add``). No compute is spent on dropped or padding slots.
+* fixed capacity (``"capacity"``): every expert gets a ``[C, D]`` buffer (zero rows where unused) and the
+  experts run as one batched matmul. Slots past ``C`` are dropped: they contribute 0 to the MoE output, so
+  the token passes through the residual only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_lab.nn.experts import Experts
+from moe_lab.nn.router import RoutingDecision
+
+__all__ = [
+    "DISPATCH_IMPLS",
+    "DispatchPlan",
+    "dispatch_combine",
+    "moe_capacity",
+    "moe_dropless",
+    "plan_dispatch",
+]
+
+DISPATCH_IMPLS = ("auto", "grouped_mm", "loop", "capacity")
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept slot goes.
+
+    Attributes:
+        token_idx_N: source token of each row, rows sorted by expert (token order inside an expert).
+        weights_N: combine weight of each row (float32, as the router made it).
+        expert_N: expert of each row.
+        counts: rows per expert, python ints (``len == E``).
+    """
+
+    token_idx_N: Tensor
+    weights_N: Tensor
+    expert_N: Tensor
+    counts: list[int]
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """``out[token[n]] += w[n] * y[n]``; the backward reuses one ``[N, D]`` buffer for both gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, y_ND: Tensor, w_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
+        ctx.save_for_backward(y_ND, w_N, token_N)
+        out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
+        return out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
+
+    @staticmethod
+    def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        y_ND, w_N, token_N = ctx.saved_tensors
+        g_ND = g_TD.index_select(0, token_N)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g_ND.unsqueeze(1), y_ND.unsqueeze(2)).view(-1)
+        grad_y = g_ND.mul_(w_N[:, None]) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None
+
+
+def plan_dispatch(decision: RoutingDecision, num_experts: int | None = None) -> DispatchPlan:
+    """Sort the kept slots of ``decision`` by expert.
+
+    Example:
+        >>> from moe_lab.nn.router import TopKRouter
+        >>> d = TopKRouter(8, 4, top_k=2)(torch.randn(3, 8))
+        >>> sum(plan_dispatch(d).counts)
+        6
+    """
+    e = num_experts if num_experts is not None else decision.num_experts
+    idx_TK, mask_TK = decision.expert_indices, decision.slot_mask
+    k = idx_TK.shape[1]
+    key = idx_TK.reshape(-1)
+    mask = mask_TK.reshape(-1)
+    key = torch.where(mask, key, torch.full_like(key, e))
+    order = torch.argsort(key, stable=True)
+    counts_all = torch.bincount(key, minlength=e + 1)
+    counts = counts_all[:e].tolist()
+    order = order[: sum(counts)]
+    return DispatchPlan(
+        token_idx_N=torch.div(order, k, rounding_mode="floor"),
+        weights_N=decision.combine_weights.reshape(-1)[order],
+        expert_N=key[order],
+        counts=counts,
+    )
+
+
+def moe_dropless(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: str = "auto") -> Tensor:
+    """Grouped dropless path: compute only the kept slots, one block of rows per expert.
+
+    Example:
+        >>> from moe_lab.nn.router import TopKRouter
+        >>> x = torch.randn(5, 8)
+        >>> moe_dropless(x, TopKRouter(8, 4)(x), Experts(4, 8, 16)).shape
+        torch.Size([5, 8])
+    """
+    plan = plan_dispatch(decision, experts.num_experts)
+    if plan.token_idx_N.numel() == 0:
+        return torch.zeros_like(x_TD)
+    x_ND = x_TD.index_select(0, plan.token_idx_N)
+    y_ND = experts(x_ND, plan.counts, impl=impl)
+    return _WeightedScatterAdd.apply(y_ND, plan.weights_N.to(y_ND.dtype), plan.token_idx_N, x_TD.shape[0])
+
+
+def moe_capacity(
+    x_TD: Tensor, decision: RoutingDecision, experts: Experts, capacity: int | None = None
+) -> Tensor:
+    """Fixed-capacity path: ``[E, C, D]`` buffers and one batched matmul per weight.
+
+    ``capacity`` defaults to ``decision.capacity`` or, for a dropless decision, the largest expert load.
+    Kept slots past the capacity (token order inside each expert) are dropped here and contribute 0.
+
+    Example:
+        >>> from moe_lab.nn.router import SwitchRouter
+        >>> x = torch.randn(6, 8)
+        >>> moe_capacity(x, SwitchRouter(8, 4, capacity_factor=1.0)(x), Experts(4, 8, 16)).shape
+        torch.Size([6, 8])
+    """
+    e, d = experts.num_experts, x_TD.shape[1]
+    plan = plan_dispatch(decision, e)
+    if capacity is None:
+        capacity = decision.capacity if decision.capacity is not None else max(plan.counts, default=0)
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    out_TD = torch.zeros_like(x_TD)
+    if plan.token_idx_N.numel() == 0 or capacity == 0:
+        return out_TD
+    counts_E = torch.tensor(plan.counts, device=x_TD.device)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_N = torch.arange(plan.expert_N.numel(), device=x_TD.device) - starts_E[plan.expert_N]
+    keep_N = pos_N < capacity
+    slot_N = (plan.expert_N * capacity + pos_N)[keep_N]
+    token_N = plan.token_idx_N[keep_N]
+    x_ECD = x_TD.new_zeros(e * capacity, d).index_copy(0, slot_N, x_TD.index_select(0, token_N))
+    y_ECD = experts.forward_capacity(x_ECD.view(e, capacity, d)).view(e * capacity, d)
+    y_ND = y_ECD.index_select(0, slot_N) * plan.weights_N[keep_N].to(y_ECD.dtype)[:, None]
+    return out_TD.index_add(0, token_N, y_ND)
+
+
+def dispatch_combine(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: str = "auto") -> Tensor:
+    """Run the routed experts for ``decision`` and combine: ``out[t] = sum_k w[t,k] * expert_{e[t,k]}(x[t])``.
+
+    ``impl``: ``"auto"`` | ``"grouped_mm"`` | ``"loop"`` (dropless grouped layout) or ``"capacity"``.
+    Slots with ``slot_mask`` False (dropped, padding) contribute 0.
+    """
+    if impl not in DISPATCH_IMPLS:
+        raise ValueError(f"impl must be one of {list(DISPATCH_IMPLS)}, got {impl!r}")
+    if impl == "capacity":
+        return moe_capacity(x_TD, decision, experts)
+    return moe_dropless(x_TD, decision, experts, impl=impl)

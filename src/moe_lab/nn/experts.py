@@ -1,0 +1,316 @@
+"""Expert FFNs held as stacked weights, computed per contiguous block of rows (grouped matmul).
+
+Shape legend: N token-slots sorted by expert (rows), E experts, C capacity slots per expert, D model dim,
+F expert FFN dim. ``counts_E`` gives how many consecutive rows of ``x_ND`` belong to each expert.
+
+Implementations (``impl``): ``"grouped_mm"`` uses ``torch._grouped_mm`` (one call per weight, autograd
+included); ``"loop"`` runs one plain matmul per expert; ``"auto"`` picks ``grouped_mm`` when this torch
+has it and the row strides of D and F elements are multiples of 16 bytes (its rule), else ``"loop"``. The obvious per-expert reference lives in ``tests/nn/_reference.py`` and the tests compare every
+implementation with it (outputs and all gradients).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "EXPERT_IMPLS",
+    "Experts",
+    "SharedExperts",
+    "grouped_matmul",
+    "grouped_mm_supported",
+    "has_grouped_mm",
+]
+
+ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+
+
+def has_grouped_mm() -> bool:
+    """True when this torch build provides ``torch._grouped_mm``."""
+    return hasattr(torch, "_grouped_mm")
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_madvise: Any = None
+
+
+def _advise_huge_pages(t: Tensor) -> None:
+    """Ask Linux for transparent huge pages on a large, fresh CPU buffer (advisory, never required).
+
+    A fresh allocation over glibc's mmap threshold (32 MiB) is page-faulted 4 KiB at a time on first
+    touch; for the fine-grained expert gradients that costs more than the matmuls. With ``MADV_HUGEPAGE``
+    the kernel faults 2 MiB at a time. Any failure leaves the buffer as it is.
+    """
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    start = (ptr + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+    end = (ptr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _madvise(start, end - start, _MADV_HUGEPAGE)
+
+
+def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if (
+        out.device.type == "cpu"
+        and sys.platform.startswith("linux")
+        and out.numel() * out.element_size() >= (8 * _HUGE_PAGE)
+    ):
+        _advise_huge_pages(out)
+    return out
+
+
+def _weight_grad(x_NX: Tensor, g_NY: Tensor, counts: list[int], shape: tuple[int, ...]) -> Tensor:
+    """``grad_w[e] = x[rows of e]^T @ g[rows of e]`` written in place into one fresh ``[E, X, Y]`` buffer."""
+    grad_EXY = _empty_large(shape, g_NY)
+    for e, (xe, ge) in enumerate(zip(x_NX.split(counts), g_NY.split(counts))):
+        if xe.shape[0] == 0:
+            grad_EXY[e].zero_()
+        else:
+            torch.mm(xe.t(), ge, out=grad_EXY[e])
+    return grad_EXY
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm`` with our backward: the weight gradient goes straight into one buffer."""
+
+    @staticmethod
+    def forward(ctx: Any, x_NX: Tensor, w_EXY: Tensor, counts: list[int], offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(x_NX, w_EXY)
+        ctx.counts = counts
+        ctx.offs = offs_E
+        return torch._grouped_mm(x_NX, w_EXY, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx: Any, g_NY: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x_NX, w_EXY = ctx.saved_tensors
+        g_NY = g_NY.contiguous()  # zero-stride gradients (from .sum()) are rejected by _grouped_mm
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(g_NY, w_EXY.transpose(1, 2), offs=ctx.offs)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(x_NX, g_NY, ctx.counts, tuple(w_EXY.shape))
+        return grad_x, grad_w, None, None
+
+
+def grouped_matmul(
+    x_ND: Tensor, w_EXY: Tensor, counts: list[int], offs_E: Tensor | None, impl: str
+) -> Tensor:
+    """``y[rows of e] = x[rows of e] @ w[e]`` for consecutive row blocks of sizes ``counts``.
+
+    Args:
+        x_ND: rows sorted by expert, ``sum(counts) == N``.
+        w_EXY: stacked weights ``[E, X, Y]`` with ``X == x_ND.shape[1]``.
+        counts: rows per expert (python ints).
+        offs_E: ``cumsum(counts)`` as int32 on ``x_ND``'s device (computed when None).
+        impl: ``"grouped_mm"``, ``"loop"`` or ``"auto"`` (``grouped_mm`` when its 16-byte stride rule
+            holds for these sizes, else ``loop``).
+
+    Example:
+        >>> x, w = torch.randn(5, 4), torch.randn(2, 4, 3)
+        >>> y = grouped_matmul(x, w, [2, 3], None, "loop")
+        >>> bool(torch.allclose(y[:2], x[:2] @ w[0]))
+        True
+    """
+    if impl == "auto":
+        ok = grouped_mm_supported(w_EXY.shape[1], w_EXY.shape[2], x_ND.dtype)
+        impl = "grouped_mm" if ok else "loop"
+    if impl == "grouped_mm":
+        if offs_E is None:
+            offs_E = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_ND.device)
+        return _GroupedMM.apply(x_ND, w_EXY, counts, offs_E)
+    if impl == "loop":
+        # unbind once: indexing w[e] per expert makes autograd allocate a full [E, X, Y] gradient per expert.
+        outs = [xe @ we for xe, we in zip(x_ND.split(counts), w_EXY.unbind(0)) if xe.shape[0] > 0]
+        if not outs:  # no rows at all: keep the autograd graph (zero gradients)
+            return x_ND @ w_EXY[0]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs)
+    raise ValueError(f"impl must be one of {list(EXPERT_IMPLS)}, got {impl!r}")
+
+
+def grouped_mm_supported(hidden_size: int, ffn_hidden_size: int, dtype: torch.dtype) -> bool:
+    """``torch._grouped_mm`` exists and its 16-byte stride rule holds for rows of D and F elements."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return has_grouped_mm() and (hidden_size * size) % 16 == 0 and (ffn_hidden_size * size) % 16 == 0
+
+
+def _resolve_impl(impl: str, hidden_size: int, ffn_hidden_size: int, dtype: torch.dtype) -> str:
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"impl must be one of {list(EXPERT_IMPLS)}, got {impl!r}")
+    ok = grouped_mm_supported(hidden_size, ffn_hidden_size, dtype)
+    if impl == "auto":
+        return "grouped_mm" if ok else "loop"
+    if impl == "grouped_mm" and not ok:
+        raise ValueError(
+            "impl='grouped_mm' needs torch._grouped_mm (torch >= 2.8) and hidden_size and ffn_hidden_size "
+            f"whose rows are multiples of 16 bytes (got D={hidden_size}, F={ffn_hidden_size}, {dtype}); "
+            "use impl='loop' or 'auto'"
+        )
+    return impl
+
+
+class Experts(nn.Module):
+    """E expert FFNs with stacked weights.
+
+    SwiGLU: ``w1_EDF`` (gate), ``w3_EDF`` (up), ``w2_EFD`` (down); ``out = (silu(x @ w1) * (x @ w3)) @ w2``.
+    GELU: ``w1_EDF``, ``w2_EFD``; ``out = gelu(x @ w1) @ w2`` (exact erf GELU).
+
+    Args:
+        num_experts: E.
+        hidden_size: D.
+        ffn_hidden_size: F, per expert.
+        activation: ``"swiglu"`` or ``"gelu"``.
+        init_std: std of the normal init of the input projections.
+        output_init_std: std for ``w2_EFD`` (e.g. GPT-2's ``init_std / sqrt(2 * n_layers)``); default init_std.
+        expert_dropout: dropout on the hidden activation in training.
+
+    Example:
+        >>> experts = Experts(4, 16, 32)
+        >>> x = torch.randn(6, 16)
+        >>> experts(x, [1, 0, 5, 0]).shape
+        torch.Size([6, 16])
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        *,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        output_init_std: float | None = None,
+        expert_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_experts", num_experts),
+            ("hidden_size", hidden_size),
+            ("ffn_hidden_size", ffn_hidden_size),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout!r}")
+        if init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.activation = activation
+        self.expert_dropout = float(expert_dropout)
+        self.init_std = float(init_std)
+        self.output_init_std = float(output_init_std) if output_init_std is not None else float(init_std)
+        e, d, f = num_experts, hidden_size, ffn_hidden_size
+        self.w1_EDF = nn.Parameter(torch.empty(e, d, f))
+        self.w3_EDF: nn.Parameter | None = (
+            nn.Parameter(torch.empty(e, d, f)) if activation == "swiglu" else None
+        )
+        self.w2_EFD = nn.Parameter(torch.empty(e, f, d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w1_EDF, std=self.init_std)
+        if self.w3_EDF is not None:
+            nn.init.normal_(self.w3_EDF, std=self.init_std)
+        nn.init.normal_(self.w2_EFD, std=self.output_init_std)
+
+    def _hidden(self, h1: Tensor, h3: Tensor | None) -> Tensor:
+        h = F.silu(h1) * h3 if h3 is not None else F.gelu(h1)
+        if self.training and self.expert_dropout > 0:
+            h = F.dropout(h, self.expert_dropout, training=True)
+        return h
+
+    def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
+        """Rows of ``x_ND`` sorted by expert (``counts[e]`` rows for expert e) -> expert outputs ``[N, D]``."""
+        impl = _resolve_impl(impl, self.hidden_size, self.ffn_hidden_size, x_ND.dtype)
+        if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
+            raise ValueError(
+                f"counts must have {self.num_experts} entries summing to {x_ND.shape[0]}, got {counts}"
+            )
+        offs = None
+        if impl == "grouped_mm":
+            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_ND.device)
+        w1, w2 = self.w1_EDF.to(x_ND.dtype), self.w2_EFD.to(x_ND.dtype)
+        h1 = grouped_matmul(x_ND, w1, counts, offs, impl)
+        h3 = None
+        if self.w3_EDF is not None:
+            h3 = grouped_matmul(x_ND, self.w3_EDF.to(x_ND.dtype), counts, offs, impl)
+        return grouped_matmul(self._hidden(h1, h3), w2, counts, offs, impl)
+
+    def forward_capacity(self, x_ECD: Tensor) -> Tensor:
+        """Fixed-capacity layout: ``x_ECD`` (C slots per expert, unused slots zero) -> ``[E, C, D]``."""
+        h1 = torch.bmm(x_ECD, self.w1_EDF.to(x_ECD.dtype))
+        h3 = torch.bmm(x_ECD, self.w3_EDF.to(x_ECD.dtype)) if self.w3_EDF is not None else None
+        return torch.bmm(self._hidden(h1, h3), self.w2_EFD.to(x_ECD.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"ffn_hidden_size={self.ffn_hidden_size}, activation={self.activation!r}"
+        )
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeekMoE), held as one dense FFN of width ``num_shared * ffn_hidden_size``.
+
+    With ``gate=True`` the output is scaled by ``sigmoid(x @ g)`` (Qwen2-MoE), ``g = Linear(D, 1)``; the
+    gate lives in the MoE layer as ``shared_expert_gate``, this module is the FFN only.
+
+    Example:
+        >>> shared = SharedExperts(16, 32, num_shared_experts=2)
+        >>> shared(torch.randn(3, 16)).shape
+        torch.Size([3, 16])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_shared_experts: int = 1,
+        *,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        output_init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_shared_experts, int) or num_shared_experts <= 0:
+            raise ValueError(f"num_shared_experts must be a positive int, got {num_shared_experts!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        width = num_shared_experts * ffn_hidden_size
+        self.activation = activation
+        self.w1 = nn.Linear(hidden_size, width, bias=False)
+        self.w3 = nn.Linear(hidden_size, width, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(width, hidden_size, bias=False)
+        nn.init.normal_(self.w1.weight, std=init_std)
+        if self.w3 is not None:
+            nn.init.normal_(self.w3.weight, std=init_std)
+        nn.init.normal_(self.w2.weight, std=output_init_std if output_init_std is not None else init_std)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h = F.silu(self.w1(x_TD)) * self.w3(x_TD) if self.w3 is not None else F.gelu(self.w1(x_TD))
+        return self.w2(h)

@@ -1,0 +1,143 @@
+"""Dispatch fast paths vs the per-slot python reference: outputs and all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _moe_reference import reference_moe
+
+from moe_lab.nn.dispatch import dispatch_combine, moe_capacity, plan_dispatch
+from moe_lab.nn.experts import Experts, has_grouped_mm
+from moe_lab.nn.router import ExpertChoiceRouter, SigmoidBiasRouter, SwitchRouter, TopKRouter
+
+IMPLS = ["loop", "capacity"] + (["grouped_mm", "auto"] if has_grouped_mm() else ["auto"])
+
+
+def _setup(router_kind: str, t: int, e: int, k: int, activation: str, seed: int, d: int = 12, f: int = 20):
+    torch.manual_seed(seed)
+    if router_kind == "top_k":
+        router = TopKRouter(d, e, top_k=k)
+    elif router_kind == "top_k_capacity":
+        router = TopKRouter(d, e, top_k=k, capacity_factor=0.75)
+    elif router_kind == "switch":
+        router = SwitchRouter(d, e, capacity_factor=1.0)
+    elif router_kind == "expert_choice":
+        router = ExpertChoiceRouter(d, e, top_k=k)
+    else:
+        router = SigmoidBiasRouter(d, e, top_k=k)
+    with torch.no_grad():
+        router.gate.weight.mul_(20.0)  # peaked routing
+        if router_kind != "expert_choice":
+            router.expert_bias[-1] = -10.0  # the last expert is never selected: an empty group
+    experts = Experts(e, d, f, activation=activation, init_std=0.3)
+    x = torch.randn(t, d)
+    return router, experts, x
+
+
+def _run(router, experts, x, fn, dtype=torch.float32, seed=123):
+    for p in [*router.parameters(), *experts.parameters()]:
+        p.grad = None
+    xr = x.clone().to(dtype).requires_grad_(True)
+    decision = router(xr)
+    out = fn(xr, decision)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    (out * g).sum().backward()
+    grads = {"x": xr.grad, "gate": router.gate.weight.grad}
+    for name, p in experts.named_parameters():
+        grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+    return out, grads, decision
+
+
+def _reference_fn(experts, capacity=None):
+    def fn(x, d):
+        return reference_moe(
+            x, d.expert_indices, d.combine_weights, d.slot_mask,
+            experts.w1_EDF, experts.w3_EDF, experts.w2_EFD, capacity=capacity,
+        )  # fmt: skip
+
+    return fn
+
+
+def _assert_close(a, b, atol, rtol):
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("router_kind", "t", "e", "k", "activation"),
+    [
+        ("top_k", 7, 8, 2, "swiglu"),
+        ("top_k", 3, 8, 1, "gelu"),
+        ("top_k_capacity", 16, 4, 2, "swiglu"),
+        ("switch", 9, 4, 1, "gelu"),
+        ("expert_choice", 10, 4, 2, "swiglu"),
+        ("sigmoid_bias", 6, 6, 3, "swiglu"),
+    ],
+)
+def test_fast_paths_match_reference(impl, seed, router_kind, t, e, k, activation) -> None:
+    router, experts, x = _setup(router_kind, t, e, k, activation, seed)
+    ref_out, ref_grads, decision = _run(router, experts, x, _reference_fn(experts))
+    out, grads, _ = _run(router, experts, x, lambda xx, d: dispatch_combine(xx, d, experts, impl=impl))
+    _assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name, ref in ref_grads.items():
+        _assert_close(grads[name], ref, atol=1e-5, rtol=1e-5)
+    if router_kind != "expert_choice":
+        assert decision.tokens_per_expert[-1] == 0, "the last expert should stay empty"
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3])
+def test_capacity_path_drops_overflow_in_token_order(capacity: int) -> None:
+    router, experts, x = _setup("top_k", 12, 4, 2, "swiglu", seed=capacity)
+    ref_out, ref_grads, d = _run(router, experts, x, _reference_fn(experts, capacity=capacity))
+    assert int(d.tokens_per_expert.max()) > capacity
+    out, grads, _ = _run(router, experts, x, lambda xx, dd: moe_capacity(xx, dd, experts, capacity=capacity))
+    _assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name, ref in ref_grads.items():
+        _assert_close(grads[name], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_matches_fp32_reference_loosely(impl: str) -> None:
+    router, experts, x = _setup("top_k", 24, 8, 2, "swiglu", seed=5, d=32, f=48)
+    ref_out, ref_grads, _ = _run(router, experts, x, _reference_fn(experts))
+    experts_bf16 = Experts(8, 32, 48, init_std=0.3).to(torch.bfloat16)
+    experts_bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in experts.state_dict().items()})
+    out, grads, _ = _run(
+        router,
+        experts_bf16,
+        x,
+        lambda xx, d: dispatch_combine(xx, d, experts_bf16, impl=impl),
+        torch.bfloat16,
+    )
+    assert out.dtype == torch.bfloat16
+    scale = ref_out.abs().max()
+    assert (out.float() - ref_out).abs().max() < 0.03 * scale
+    for name in ("w1_EDF", "w3_EDF", "w2_EFD", "x"):
+        ref = ref_grads[name]
+        assert (grads[name].float() - ref).abs().max() < 0.05 * ref.abs().max(), name
+
+
+def test_plan_sorts_by_expert_in_token_order_and_skips_masked_slots() -> None:
+    router, _, x = _setup("top_k_capacity", 16, 4, 2, "swiglu", seed=0)
+    d = router(x)
+    plan = plan_dispatch(d)
+    assert plan.counts == d.tokens_per_expert.tolist()
+    assert torch.equal(plan.expert_N, torch.sort(plan.expert_N).values)
+    for e in range(4):
+        toks = plan.token_idx_N[plan.expert_N == e]
+        assert torch.equal(toks, torch.sort(toks).values)
+    assert len(plan.token_idx_N) == int(d.slot_mask.sum())
+
+
+def test_all_padding_gives_zero_output() -> None:
+    router, experts, x = _setup("top_k", 5, 4, 2, "swiglu", seed=0)
+    d = router(x, token_mask=torch.zeros(5, dtype=torch.bool))
+    for impl in IMPLS:
+        assert torch.equal(dispatch_combine(x, d, experts, impl=impl), torch.zeros_like(x))
+
+
+def test_bad_impl() -> None:
+    router, experts, x = _setup("top_k", 5, 4, 2, "swiglu", seed=0)
+    with pytest.raises(ValueError, match="impl"):
+        dispatch_combine(x, router(x), experts, impl="fast")
