@@ -127,7 +127,7 @@ def serve(
     app.state.service = DashboardService(settings)  # open the store now: a bad URL fails here, not in uvicorn
     if open_browser:
         url = (
-            f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}/"  # noqa: S104
+            f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}/"  # noqa: S104  # nosec B104
         )
         threading.Timer(1.0, webbrowser.open, args=[url]).start()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -127,15 +127,17 @@ def simulate(
         keys, weights = _streams(trace)
         hits = 0
         total = 0
-        rates = []
+        layer_rates: list[float] = []
         for layer in range(trace.num_layers):
-            profile = {e: float(c) for e, c in enumerate(freq[layer])} if policy == "pin" else None
+            profile: dict[Hashable, float] | None = (
+                {e: float(c) for e, c in enumerate(freq[layer])} if policy == "pin" else None
+            )
             res = _replay(policy, capacity, keys[layer], weights[layer], profile, decay)
             h = sum(res)
             hits += h
             total += len(res)
-            rates.append(h / len(res) if res else 0.0)
-        return SimResult(policy, capacity, scope, total, hits, tuple(rates))
+            layer_rates.append(h / len(res) if res else 0.0)
+        return SimResult(policy, capacity, scope, total, hits, tuple(layer_rates))
     gkeys, gweights = _global_stream(trace)
     gprofile: dict[Hashable, float] | None = None
     if policy == "pin":

@@ -211,12 +211,12 @@ class ExpertCache:
         layer_pos = {layer: i for i, layer in enumerate(store.layer_ids)}
         if scope == "per_layer":
             for layer in store.layer_ids:
-                prof = None
+                prof: dict[Hashable, float] | None = None
                 if profile is not None:
                     prof = {e: float(c) for e, c in enumerate(profile[layer_pos[layer]].tolist())}
                 self._policies[layer] = make_policy(policy, capacity, profile=prof, decay=decay)
         else:
-            gprof = None
+            gprof: dict[Hashable, float] | None = None
             if profile is not None:
                 gprof = {
                     (layer, e): float(c)
@@ -281,7 +281,7 @@ class ExpertCache:
         with self._lock:
             self.stats.bytes_loaded += sum(t.numel() * t.element_size() for t in ws.values())
             for gone in before - after:
-                gkey = self._key(layer, gone) if self.scope == "per_layer" else gone
+                gkey = self._key(layer, int(gone)) if self.scope == "per_layer" else gone  # type: ignore[call-overload]
                 if self._resident.pop(gkey, None) is not None:  # type: ignore[arg-type]
                     self.stats.evictions += 1
             if pkey in after:
@@ -305,7 +305,8 @@ class ExpertCache:
 
     def resident_experts(self, layer: int) -> set[int]:
         with self._lock:
-            return {e for (lay, e) in self._resident if lay == layer}  # type: ignore[misc]
+            keys: list[tuple[int, int]] = list(self._resident)  # type: ignore[arg-type]
+            return {e for lay, e in keys if lay == layer}
 
     def resident_bytes(self) -> int:
         with self._lock:

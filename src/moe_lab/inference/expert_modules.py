@@ -192,16 +192,16 @@ class QuantizedExperts(nn.Module):
 class SubsetExperts(nn.Module):
     """Holds only ``keep`` experts of a layer; the router must never pick the others (counts 0)."""
 
-    def __init__(self, experts: nn.Module, keep: list[int]) -> None:
+    def __init__(self, experts: Any, keep: list[int]) -> None:
         super().__init__()
-        self.num_experts = int(experts.num_experts)  # type: ignore[arg-type]
+        self.num_experts = int(experts.num_experts)
         self.activation = str(experts.activation)
         self.keep = sorted(int(e) for e in keep)
         idx = torch.tensor(self.keep, dtype=torch.long)
-        self.w1_KDF = nn.Parameter(experts.w1_EDF.detach()[idx].clone(), requires_grad=False)  # type: ignore[index]
+        self.w1_KDF = nn.Parameter(experts.w1_EDF.detach()[idx].clone(), requires_grad=False)
         w3 = getattr(experts, "w3_EDF", None)
         self.w3_KDF = nn.Parameter(w3.detach()[idx].clone(), requires_grad=False) if w3 is not None else None
-        self.w2_KFD = nn.Parameter(experts.w2_EFD.detach()[idx].clone(), requires_grad=False)  # type: ignore[index]
+        self.w2_KFD = nn.Parameter(experts.w2_EFD.detach()[idx].clone(), requires_grad=False)
         self._slot = {e: i for i, e in enumerate(self.keep)}
 
     def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:

@@ -29,7 +29,7 @@ __all__ = ["StaticMoE", "compile_model", "export_onnx", "static_moe", "verify_on
 class StaticMoE(nn.Module):
     """Export-friendly stand-in for a dropless ``MoELayer``: all experts on all tokens, weighted combine."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: Any) -> None:
         super().__init__()
         router = layer.router
         kind = type(router).__name__
@@ -54,7 +54,7 @@ class StaticMoE(nn.Module):
     def forward(
         self, x_BSD: Tensor, token_mask_BS: Tensor | None = None, router_input_BSD: Tensor | None = None
     ) -> tuple[Tensor, None]:
-        layer = self.layer
+        layer: Any = self.layer
         d = x_BSD.shape[-1]
         x_TD = x_BSD.reshape(-1, d)
         r_TD = x_TD if router_input_BSD is None else router_input_BSD.reshape(-1, d)
@@ -84,7 +84,7 @@ class StaticMoE(nn.Module):
 
 
 @contextlib.contextmanager
-def static_moe(model: nn.Module) -> Iterator[nn.Module]:
+def static_moe(model: Any) -> Iterator[Any]:
     """Temporarily swap every MoE layer for :class:`StaticMoE` and switch router losses off."""
     blocks = [blk for blk in model.layers if getattr(blk, "is_moe", False)]  # type: ignore[attr-defined]
     originals = [blk.mlp for blk in blocks]
@@ -111,7 +111,7 @@ class _LogitsOnly(nn.Module):
 
 
 def export_onnx(
-    model: nn.Module,
+    model: Any,
     path: str | os.PathLike[str],
     *,
     example_length: int = 16,
@@ -148,7 +148,7 @@ def export_onnx(
     return path
 
 
-def verify_onnx(model: nn.Module, path: str | os.PathLike[str], inputs: Tensor | None = None) -> float:
+def verify_onnx(model: Any, path: str | os.PathLike[str], inputs: Tensor | None = None) -> float:
     """Run the ONNX file with onnxruntime and the model with PyTorch; return the max abs logit difference."""
     import onnxruntime as ort
 

@@ -169,7 +169,7 @@ class OptimizedMoEModel(nn.Module):
         return generate(self.model, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
-    def _layers(self) -> list[nn.Module]:
+    def _layers(self) -> list[Any]:
         layers = list(self.model.moe_layers())
         if not layers:
             raise ValueError("the model has no MoE layers")

@@ -118,4 +118,4 @@ def export_consolidated(path: str | os.PathLike[str], model: nn.Module) -> Path 
             f"consolidated state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
-        return save_model_dir(plain, path)
+        return save_model_dir(plain, Path(path))
