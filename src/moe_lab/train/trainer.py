@@ -1,0 +1,434 @@
+"""The training loop: :class:`MoETrainer`.
+
+One optimizer step = ``grad_accum_steps`` micro-batches (forward under optional bf16 autocast, backward
+of ``loss / grad_accum_steps``), gradient clipping, AdamW step, scheduled learning rate, and for
+``load_balancing="aux_free_bias"`` a router-bias update from the step's routing. Everything else
+(metrics.jsonl, console, progress bar, checkpoints, early stopping, analytics) is a callback.
+
+Example:
+    >>> import torch
+    >>> from moe_lab.models import MoEModel
+    >>> from moe_lab.train import MoETrainer
+    >>> model = MoEModel.from_preset("tiny")
+    >>> data = torch.randint(0, model.config.vocab_size, (32, 16))
+    >>> result = MoETrainer(model, console=False).train(data, max_steps=2, batch_size=8)
+    >>> result.steps
+    2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from moe_lab.config import atomic_write_text
+from moe_lab.train.batches import as_dataset, eval_batches, is_indexable, make_train_iterator
+from moe_lab.train.callbacks import Callback, default_callbacks, resolve_callbacks
+from moe_lab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from moe_lab.train.config import TrainConfig
+from moe_lab.train.optim import build_optimizer, set_lr
+from moe_lab.train.results import EvalResult, TrainingResult
+from moe_lab.train.routing_stats import drop_rate, expert_load, merge_decisions
+from moe_lab.train.rundir import RunDir
+from moe_lab.train.setup import (
+    apply_model_overrides,
+    merge_train_kwargs,
+    resolve_device,
+    save_tokenizer,
+    seed_everything,
+)
+from moe_lab.train.state import TrainState
+
+__all__ = ["MoETrainer", "resolve_device", "save_tokenizer", "seed_everything"]
+
+
+class MoETrainer:
+    """Train a :class:`moe_lab.models.MoEModel` (or any module with the same forward contract).
+
+    Args:
+        model: the model; moved to ``config.device``.
+        config: a :class:`TrainConfig`; keyword arguments (``max_steps=100, batch_size=8``) override it.
+        run_dir: a run directory (path or :class:`RunDir`) for metrics.jsonl, checkpoints and summary.json;
+            also taken from ``config.run_dir`` or ``config.runs_dir/config.name``. None = in memory only.
+        callbacks: extra :class:`Callback` objects (run after the built-in ones).
+        tokenizer: saved into the run directory (``tokenizer.json``) when given.
+        run_config: the :class:`RunConfig` written as ``config.yaml`` (default: model + train sections).
+        console: print log lines / a progress bar (built-in callbacks).
+        overwrite: replace an existing run directory instead of refusing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig | None = None,
+        *,
+        run_dir: str | os.PathLike[str] | RunDir | None = None,
+        callbacks: Sequence[Callback] = (),
+        tokenizer: Any = None,
+        run_config: Any = None,
+        console: bool = True,
+        overwrite: bool = False,
+        **train_kwargs: Any,
+    ) -> None:
+        self.config = merge_train_kwargs(config or TrainConfig(), train_kwargs)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.run_config = run_config
+        self.console = console
+        self.overwrite = overwrite
+        self.extra_callbacks = list(callbacks)
+        self.callbacks: list[Callback] = []
+        self._run_dir_arg = run_dir.path if isinstance(run_dir, RunDir) else run_dir
+        self.run_dir: RunDir | None = run_dir if isinstance(run_dir, RunDir) else None
+        self.state = TrainState()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.total_steps = 0
+        self.summary_extra: dict[str, Any] = {}
+        self.device = resolve_device(self.config.device)
+        self.model.to(self.device)
+        self._fwd: nn.Module = self.model
+        self._iter: Any = None
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _model_config_dict(self) -> dict[str, Any] | None:
+        cfg: Any = getattr(self.model, "config", None)
+        return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None
+
+    def _check_seq_len(self, dataset: Any, name: str) -> None:
+        max_len = getattr(getattr(self.model, "config", None), "max_seq_len", None)
+        if not is_indexable(dataset):
+            return
+        item = dataset[0]
+        ids = item["input_ids"] if isinstance(item, dict) else item
+        if max_len is not None and int(ids.shape[-1]) > max_len:
+            raise ValueError(
+                f"{name}: sequences have {int(ids.shape[-1])} tokens but model.max_seq_len is {max_len}; "
+                "use a shorter data.seq_len or a larger model.max_seq_len"
+            )
+
+    def _compute_total_steps(self) -> int:
+        """``max_steps`` and/or the steps of ``num_epochs`` (whichever is smaller; neither = one epoch)."""
+        cfg = self.config
+        assert self._iter is not None
+        if not hasattr(self._iter, "batches_per_epoch"):  # streaming: the length is unknown
+            if cfg.max_steps is None:
+                raise ValueError("streaming data (data.streaming: true) needs train.max_steps")
+            return cfg.max_steps
+        per_epoch = self._iter.batches_per_epoch / cfg.grad_accum_steps
+        steps = []
+        if cfg.max_steps is not None:
+            steps.append(cfg.max_steps)
+        if cfg.num_epochs is not None or cfg.max_steps is None:
+            steps.append(max(1, math.ceil((cfg.num_epochs or 1.0) * per_epoch)))
+        return min(steps)
+
+    def _open_run_dir(self) -> None:
+        cfg = self.config
+        if self.run_dir is None:
+            target = (
+                self._run_dir_arg
+                or cfg.run_dir
+                or (os.path.join(cfg.runs_dir, cfg.name) if cfg.name else None)
+            )
+            if target is None:
+                return
+            self.run_dir = RunDir.create(target, overwrite=self.overwrite)
+        rd = self.run_dir
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.checkpoints_dir.mkdir(exist_ok=True)
+        if self.run_config is not None:
+            self.run_config.to_yaml(rd.config_path)
+        elif not rd.config_path.exists():
+            text = yaml.safe_dump(
+                {"model": self._model_config_dict(), "train": cfg.to_dict()}, sort_keys=False
+            )
+            atomic_write_text(rd.config_path, text)
+        if self.tokenizer is not None and not (rd.tokenizer_path.exists() or rd.tokenizer_name_path.exists()):
+            save_tokenizer(self.tokenizer, rd)
+
+    def _resume(self, resume_from: str | os.PathLike[str]) -> None:
+        ckpt = latest_checkpoint(resume_from)
+        if ckpt is None:
+            raise FileNotFoundError(f"no complete checkpoint found under {resume_from}")
+        assert self.optimizer is not None and self._iter is not None
+        loaded = load_checkpoint(
+            ckpt,
+            model=self.model,
+            optimizer=self.optimizer,
+            model_config=self._model_config_dict(),
+            map_location=self.device,
+        )
+        fresh = {g["name"]: g["base_lr"] for g in build_optimizer(self.model, self.config).param_groups}
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = fresh.get(group.get("name"), group["base_lr"])
+        meta = loaded.trainer_state
+        self.state = TrainState.from_dict(meta.get("train_state", {}))
+        if "data_state" in meta:
+            self._iter.load_state_dict(meta["data_state"])
+        if self.run_dir is None:
+            self.run_dir = RunDir(self._run_dir_arg or ckpt.parent.parent)
+        self.resumed_from: Path | None = ckpt
+
+    # ---- public API --------------------------------------------------------------------------------
+    def train(
+        self,
+        train_data: Any = None,
+        eval_data: Any = None,
+        *,
+        resume_from: str | os.PathLike[str] | None = None,
+        **train_kwargs: Any,
+    ) -> TrainingResult:
+        """Train until ``max_steps`` / ``num_epochs`` (whichever ends first) or a callback stops it.
+
+        ``train_data``/``eval_data``: a dataset of ``[S]`` sequences (e.g. from :func:`moe_lab.data.
+        build_datasets`), a ``[N, S]`` LongTensor or a list of token-id lists. ``resume_from``: a run
+        directory or checkpoint to continue exactly. Keyword arguments override :class:`TrainConfig` fields.
+        """
+        self.config = merge_train_kwargs(self.config, train_kwargs)
+        cfg = self.config
+        if train_data is None:
+            raise ValueError("train_data is required")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        train_ds = as_dataset(train_data, name="train_data")
+        eval_ds = as_dataset(eval_data, name="eval_data") if eval_data is not None else None
+        self._check_seq_len(train_ds, "train_data")
+        apply_model_overrides(self.model, cfg)
+        self.model.to(self.device)
+        self._fwd = torch.compile(self.model) if cfg.compile else self.model  # type: ignore[assignment]
+        self.optimizer = build_optimizer(self.model, cfg)
+        self._iter = make_train_iterator(train_ds, cfg.batch_size, seed=cfg.seed)
+        self.total_steps = self._compute_total_steps()
+        self.resumed_from = None
+        if resume_from is not None:
+            self._resume(resume_from)
+        else:
+            self.state = TrainState()
+            seed_everything(cfg.seed)
+            self._open_run_dir()
+        self.callbacks = default_callbacks(self) + resolve_callbacks(cfg.callbacks) + self.extra_callbacks
+        self.eval_dataset = eval_ds
+
+        t_start = time.perf_counter()
+        session_tokens, session_time = 0, 0.0
+        stopped_early = False
+        last_eval_step = -1
+        self._emit("on_train_begin", self)
+        while self.state.step < self.total_steps:
+            metrics, routing = self._train_step()
+            session_tokens += metrics["step_tokens"]
+            session_time += metrics["step_time_s"]
+            step = self.state.step
+            self._emit("on_routing", self, step, routing)
+            if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                self._run_eval(eval_ds)
+                last_eval_step = step
+            self._emit("on_step_end", self, step, metrics)
+            if any(cb.should_stop(self) for cb in self.callbacks):
+                stopped_early = True
+                break
+        if eval_ds is not None and last_eval_step != self.state.step:
+            self._run_eval(eval_ds)
+        last = self.state.last_eval
+        result = TrainingResult(
+            final_loss=self.state.last_loss,
+            final_lm_loss=getattr(self, "_last_lm_loss", None),
+            eval_loss=last.get("eval_loss"),
+            perplexity=last.get("perplexity"),
+            steps=self.state.step,
+            tokens=self.state.tokens_seen,
+            tokens_per_s=session_tokens / session_time if session_time > 0 else 0.0,
+            wall_time_s=time.perf_counter() - t_start,
+            run_dir=str(self.run_dir.path) if self.run_dir is not None else None,
+            stopped_early=stopped_early,
+            extra=dict(self.summary_extra),
+        )
+        self._emit("on_train_end", self, result)
+        if self.run_dir is not None:
+            summary = result.to_dict()
+            extra = summary.pop("extra")
+            summary.update(extra)
+            summary["total_steps"] = self.total_steps
+            self.run_dir.write_summary(summary)
+        return result
+
+    @torch.no_grad()
+    def evaluate(
+        self, data: Any, max_batches: int | None = None, batch_size: int | None = None
+    ) -> EvalResult:
+        """Mean next-token loss (nats/token, without router losses) and perplexity over ``data``."""
+        ds = as_dataset(data, name="eval_data")
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for batch in eval_batches(ds, batch_size or self.config.batch_size, max_batches):
+                ids, mask, labels = self._unpack(batch)
+                with self._autocast():
+                    out = self._fwd(ids, attention_mask=mask, labels=labels)
+                targets = labels[:, 1:] != -100
+                if mask is not None:
+                    targets &= mask[:, 1:].bool()
+                n = int(targets.sum())
+                total += float(out.lm_loss) * n
+                count += n
+        finally:
+            self.model.train(was_training)
+        loss = total / count if count else float("nan")
+        return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count)
+
+    def save_model(self, path: str | os.PathLike[str]) -> Path:
+        """Save the model (``save_pretrained`` format) and the tokenizer into the folder ``path``."""
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        save_pretrained = getattr(self.model, "save_pretrained", None)
+        if callable(save_pretrained):
+            save_pretrained(str(p))
+        else:
+            from safetensors.torch import save_model
+
+            save_model(self.model, str(p / "model.safetensors"))
+        if self.tokenizer is not None:
+            save_tokenizer(self.tokenizer, RunDir(p))
+        return p
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` (atomic), keep the last K, call ``on_checkpoint``."""
+        if self.run_dir is None:
+            raise ValueError("no run directory: pass run_dir= to MoETrainer to write checkpoints")
+        meta = {
+            "train_state": self.state.to_dict(),
+            "data_state": self._iter.state_dict() if self._iter is not None else {},
+            "model_config": self._model_config_dict(),
+            "train_config": self.config.to_dict(),
+            "total_steps": self.total_steps,
+        }
+        path = save_checkpoint(
+            self.run_dir.checkpoints_dir,
+            self.state.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state=meta,
+        )
+        prune_checkpoints(self.run_dir.checkpoints_dir, self.config.keep_last_checkpoints)
+        self._emit("on_checkpoint", self, self.state.step, path)
+        return path
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike[str], **kwargs: Any) -> TrainingResult:
+        """Continue the run in ``run_dir`` (model, data and settings from its ``config.yaml``).
+
+        Keyword arguments go to :func:`moe_lab.train.launch.resume_run` (``overrides``, ``callbacks``).
+        """
+        from moe_lab.train.launch import resume_run
+
+        return resume_run(run_dir, **kwargs)
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _unpack(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        mask = batch.get("attention_mask")
+        mask = mask.to(self.device, non_blocking=True) if mask is not None else None
+        labels = batch.get("labels")
+        labels = labels.to(self.device, non_blocking=True) if labels is not None else ids
+        return ids, mask, labels
+
+    def _train_step(self) -> tuple[dict[str, Any], list[Any]]:
+        cfg = self.config
+        assert self.optimizer is not None and self._iter is not None
+        self.model.train()
+        t0 = time.perf_counter()
+        lr = set_lr(self.optimizer, self.state.step, cfg, self.total_steps)
+        ga = cfg.grad_accum_steps
+        sums = torch.zeros(4, dtype=torch.float64)
+        tokens = 0
+        decisions = []
+        for _ in range(ga):
+            ids, mask, labels = self._unpack(next(self._iter))
+            with self._autocast():
+                out = self._fwd(ids, attention_mask=mask, labels=labels)
+            (out.loss / ga).backward()
+            parts = [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
+            sums += torch.stack([p.detach().float() for p in parts]).cpu().double()
+            tokens += int(mask.sum()) if mask is not None else ids.numel()
+            decisions.append([d.detach() for d in out.routing])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        routing = merge_decisions(decisions)
+        if cfg.load_balancing == "aux_free_bias":
+            self.model.update_router_biases(routing)  # type: ignore[operator]
+        dt = time.perf_counter() - t0
+        loss, lm_loss, aux_loss, z_loss = (float(v) / ga for v in sums)
+        if not math.isfinite(loss):
+            raise ValueError(
+                f"training diverged: the loss is {loss} at step {self.state.step + 1}; lower "
+                "train.learning_rate, raise train.warmup_steps or set train.grad_clip"
+            )
+        st = self.state
+        st.step += 1
+        st.tokens_seen += tokens
+        st.train_time_s += dt
+        st.epoch = self._iter.epoch
+        st.last_loss = loss
+        self._last_lm_loss = lm_loss
+        metrics = {
+            "step": st.step,
+            "loss": loss,
+            "lm_loss": lm_loss,
+            "aux_loss": aux_loss,
+            "z_loss": z_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+            "tokens": st.tokens_seen,
+            "epoch": st.epoch,
+            "step_time_s": dt,
+            "step_tokens": tokens,
+            "expert_load": expert_load(routing),
+            "drop_rate": drop_rate(routing),
+        }
+        return metrics, routing
+
+    def _run_eval(self, eval_ds: Any) -> EvalResult:
+        res = self.evaluate(eval_ds, max_batches=self.config.eval_batches)
+        st = self.state
+        st.last_eval = {"eval_loss": res.loss, "perplexity": res.perplexity}
+        if math.isfinite(res.loss) and (
+            st.best_eval_loss is None or res.loss < st.best_eval_loss - self.config.early_stopping_min_delta
+        ):
+            st.best_eval_loss = res.loss
+            st.evals_without_improvement = 0
+        else:
+            st.evals_without_improvement += 1
+        metrics = {
+            "step": st.step,
+            "split": "val",
+            "eval_loss": res.loss,
+            "perplexity": res.perplexity,
+            "eval_tokens": res.tokens,
+        }
+        self._emit("on_eval_end", self, st.step, metrics)
+        return res
