@@ -1,0 +1,224 @@
+"""LoRA fine-tuning throughput and peak memory: moe-lab vs transformers + peft on the same model and data.
+
+A small Mixtral-format model is made with ``transformers`` (random weights), saved, and loaded by both
+sides: moe-lab through :func:`moe_lab.interop.load_pretrained` + :func:`moe_lab.finetune.apply_lora`, the peer
+through ``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model`` (``target_modules`` for attention,
+``target_parameters`` for the stacked experts). Both adapt q/k/v/o and the expert gate/up/down weights with
+rank r (dropout 0, as peft requires for expert parameters), train with AdamW on the same batches, and compute
+the LM loss only (moe-lab's aux/z losses off; ``output_router_logits=False`` on the peer).
+
+Before timing, the two are checked to give the same loss at step 0. Timing alternates (A B A B ...) in one
+process; tokens/s is the median over rounds. Peak memory is the rise of the process's peak RSS (VmHWM,
+reset through ``/proc/self/clear_refs``) over one measured step each, with glibc's mmap threshold pinned so
+freed tensors go back to the OS between contenders. On CUDA, ``torch.cuda.max_memory_allocated`` is used.
+
+Run:
+    python benchmarks/finetune.py [--quick] [--device cpu|cuda] [--no-append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks via mmap, returned to the OS on free
+        return libc
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory added by one call of ``step`` (MB)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    base = _status_kb("VmRSS")
+    step()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def build(args: argparse.Namespace, folder: Path, device: torch.device):  # type: ignore[no-untyped-def]
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from moe_lab.finetune import LoRAConfig, apply_lora
+    from moe_lab.interop import load_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        num_local_experts=args.experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=max(512, args.seq),
+    )
+    transformers.MixtralForCausalLM(cfg).save_pretrained(folder)
+    del cfg
+
+    ours = load_pretrained(folder, aux_loss_coef=0.0, z_loss_coef=0.0).to(device)
+    apply_lora(ours, LoRAConfig(rank=args.rank, alpha=2 * args.rank, target_modules=["attention", "experts"]))
+    peer = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    peer = get_peft_model(
+        peer,
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
+    return ours, peer
+
+
+def make_step(
+    model: torch.nn.Module, batches: list[torch.Tensor], kind: str
+) -> tuple[Callable[[], float], int]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    it = {"i": 0}
+
+    def step() -> float:
+        ids = batches[it["i"] % len(batches)]
+        it["i"] += 1
+        out = model(input_ids=ids, labels=ids) if kind == "peer" else model(ids, labels=ids)
+        loss = out.loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, sum(p.numel() for p in params)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller model, fewer rounds (smoke run)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=2, help="steps per contender per round")
+    ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    shape = dict(vocab=4096, hidden=256, ffn=512, layers=4, heads=8, experts=8, batch=8, seq=256, rank=8)
+    if args.quick:
+        shape.update(vocab=512, hidden=64, ffn=128, layers=2, heads=4, experts=4, batch=4, seq=64, rank=4)
+        args.rounds = min(args.rounds, 3)
+    for k, v in shape.items():
+        setattr(args, k, v)
+    device = torch.device(args.device)
+    torch.manual_seed(1)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), device=device) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, peer = build(args, Path(tmp) / "mixtral", device)
+    with torch.no_grad():
+        a = float(ours(batches[0], labels=batches[0]).loss)
+        b = float(peer(input_ids=batches[0], labels=batches[0]).loss)
+    if abs(a - b) > 1e-4 * abs(b):
+        print(f"loss mismatch before training: moe-lab {a:.6f} vs peer {b:.6f}", file=sys.stderr)
+        return 1
+    steps = {}
+    counts = {}
+    steps["moe-lab"], counts["moe-lab"] = make_step(ours, batches, "ours")
+    steps["transformers+peft"], counts["transformers+peft"] = make_step(peer, batches, "peer")
+    for fn in steps.values():  # warm-up
+        fn()
+    memory = {name: peak_memory_mb(fn, device) for name, fn in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, fn in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps)
+    tokens = args.batch * args.seq
+    rows = []
+    for name in steps:
+        med = statistics.median(times[name])
+        cpu_s = statistics.median(cpu[name])
+        rows.append((name, tokens / med, tokens / min(times[name]), cpu_s, memory[name], counts[name]))
+    ratio = rows[0][1] / rows[1][1]
+    cpu_ratio = rows[1][3] / rows[0][3]
+    mem_ratio = rows[0][4] / rows[1][4] if rows[1][4] > 0 else float("nan")
+    shape_s = (
+        f"Mixtral-format, D={args.hidden}, F={args.ffn}, L={args.layers}, E={args.experts}, top-2, "
+        f"V={args.vocab}, batch {args.batch}x{args.seq}, LoRA r={args.rank} on q/k/v/o + experts, fp32, "
+        f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    lines = [
+        "| contender | tokens/s (median) | tokens/s (best) | CPU s/step (median, all threads) "
+        "| peak memory added per step (MB) | trainable params |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {t:,.0f} | {b:,.0f} | {c:.2f} | {m:,.1f} | {p:,} |" for n, t, b, c, m, p in rows]
+    lines.append(
+        f"\nmoe-lab / peer: {ratio:.2f}x tokens/s (wall), {cpu_ratio:.2f}x (CPU time), {mem_ratio:.2f}x peak memory"
+    )
+    table = "\n".join(lines)
+    print(shape_s)
+    print(table)
+    if not args.no_append:
+        cmd = "python benchmarks/finetune.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if not RESULTS.exists():
+            RESULTS.write_text("# Benchmark results\n", encoding="utf-8")
+        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with RESULTS.open("a", encoding="utf-8") as fh:
+            fh.write(
+                f"\n## LoRA fine-tuning vs transformers + peft ({date})\n\n`{cmd.strip()}` on {platform.machine()} "
+                f"({os.cpu_count()} CPUs, shared machine)\n\n{shape_s}\n\n{table}\n"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
