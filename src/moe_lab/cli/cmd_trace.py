@@ -117,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
             f"tokenizer {getattr(tok, 'name', '?')} produces id {int(seqs.max())} but the model's vocab_size "
             f"is {cfg.vocab_size}: the tokenizer does not belong to this model"
         )
-    torch.set_grad_enabled(False)
     batches = list(seqs.split(args.batch_size))
-    trace = record_trace(model, batches, max_tokens=args.max_tokens)
+    with torch.no_grad():
+        trace = record_trace(model, batches, max_tokens=args.max_tokens)
     trace.metadata.update({"model": str(path), "data": str(args.data), "seq_len": seq_len})
     out = save_trace(trace, args.output)
     print(

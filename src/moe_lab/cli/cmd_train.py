@@ -5,11 +5,14 @@ Example:
     $ moe-lab train --preset tiny --set train.max_steps=100 --set model.num_experts=16
     $ moe-lab train --config configs/train/small.yaml --name my-run --overwrite
     $ moe-lab train --resume runs/my-run --set train.max_steps=2000
+    $ moe-lab train --preset small --nproc-per-node 4 --set parallel.expert_parallel=2   # torchrun
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 from moe_lab.cli.main import CLIError
@@ -54,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="enable a registered callback (router_monitor, run_store, tensorboard, ...); repeatable",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines, only the summary")
+    d = p.add_argument_group("distributed (runs torchrun; see docs/guides/distributed.md)")
+    d.add_argument("--nproc-per-node", type=int, metavar="N", help="processes on this machine")
+    d.add_argument("--nnodes", type=int, metavar="M", help="machines in the job (default 1)")
+    d.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index (default 0)")
+    d.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port (c10d)")
     p.set_defaults(func=run)
 
 
@@ -79,24 +87,88 @@ def print_summary(result: Any) -> None:
         print(f"final train loss {result.final_loss:.4f}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from moe_lab.train.callbacks import create_callback
-    from moe_lab.train.config import RunConfig
-    from moe_lab.train.launch import resume_run, train_from_config
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The arguments each torchrun worker (``python -m moe_lab.train``) gets: all but the launcher's."""
+    out: list[str] = []
+    for flag, value in (
+        ("--config", args.config),
+        ("--preset", args.preset),
+        ("--resume", args.resume),
+        ("--name", args.name),
+        ("--runs-dir", args.runs_dir),
+    ):
+        if value is not None:
+            out += [flag, value]
+    for item in args.overrides:
+        out += ["--set", item]
+    for item in args.callbacks:
+        out += ["--callback", item]
+    return out + [f for f, on in (("--overwrite", args.overwrite), ("--quiet", args.quiet)) if on]
 
-    overrides = list(args.overrides)
-    console = not args.quiet
+
+def _launch(args: argparse.Namespace) -> int:
+    """Check everything that can be checked here, then run torchrun and return its exit status."""
+    from moe_lab.train.checkpoint import latest_checkpoint
+    from moe_lab.train.launch import load_run_config, resolve_run_dir
+    from moe_lab.train.torchrun import check_launch, check_world, run_torchrun, torchrun_command
+
+    if os.environ.get("WORLD_SIZE") is not None:
+        raise CLIError("--nproc-per-node/--nnodes: this process already runs inside a torchrun job")
+    nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
+    nnodes = 1 if args.nnodes is None else args.nnodes
+    check_launch(nproc, nnodes=nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
+    cfg = _config(args)
+    if args.resume:
+        cfg = load_run_config(args.resume).with_overrides(list(args.overrides))
+        if latest_checkpoint(args.resume) is None:
+            raise CLIError(f"no complete checkpoint in {args.resume}/checkpoints to resume from")
+    else:
+        path = resolve_run_dir(cfg, name=args.name, runs_dir=args.runs_dir)
+        if path.exists() and not args.overwrite and (not path.is_dir() or any(path.iterdir())):
+            raise CLIError(f"run directory {path} already exists; pass --overwrite to replace it")
+    check_world(cfg, nproc * nnodes)
+    cmd = torchrun_command(
+        _worker_args(args),
+        nproc_per_node=nproc,
+        nnodes=nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+    )
+    return run_torchrun(cmd)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from moe_lab.train.config import RunConfig
+
     if args.resume:
         if args.config or args.preset or args.name or args.runs_dir or args.overwrite:
             raise CLIError("--resume takes the config from the run directory; use only --set with it")
+        return None
+    cfg = RunConfig.load(args.config, args.preset, list(args.overrides))
+    if args.callbacks:
+        cfg = cfg.with_overrides({"train.callbacks": [*cfg.train.callbacks, *args.callbacks]})
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_lab.train.callbacks import create_callback
+    from moe_lab.train.distributed import is_main_process, world_size_from_env
+    from moe_lab.train.launch import resume_run, train_from_config
+
+    if args.nproc_per_node is not None or args.nnodes is not None or args.rdzv_endpoint is not None:
+        return _launch(args)
+    overrides = list(args.overrides)
+    console = not args.quiet
+    cfg = _config(args)
+    if cfg is not None and world_size_from_env() <= 1 and any(o.startswith("parallel.") for o in overrides):
+        print("note: parallel.* applies to several processes; add --nproc-per-node N", file=sys.stderr)
+    if args.resume:
         extra = [create_callback(name) for name in args.callbacks]
         result = resume_run(args.resume, overrides=overrides, callbacks=extra, console=console)
     else:
-        cfg = RunConfig.load(args.config, args.preset, overrides)
-        if args.callbacks:
-            cfg = cfg.with_overrides({"train.callbacks": [*cfg.train.callbacks, *args.callbacks]})
         result = train_from_config(
             cfg, name=args.name, runs_dir=args.runs_dir, overwrite=args.overwrite, console=console
         )
-    print_summary(result)
+    if is_main_process():
+        print_summary(result)
     return 0

@@ -4,7 +4,9 @@ A checkpoint folder holds ``model.safetensors``, ``optimizer.pt`` (optimizer + s
 and plain values only, loaded with ``weights_only=True``), ``rng_state.pt`` (python, numpy, torch, cuda),
 ``trainer_state.json`` (step, counters, data-iterator position, model config) and the ``COMPLETE``
 marker written last. Loaders skip hidden temp dirs and folders without the marker, so a crash while
-writing never leaves something that looks like a checkpoint.
+writing never leaves something that looks like a checkpoint. A ``torchrun`` job writes the model and
+optimizer as ``torch.distributed.checkpoint`` shards instead (``.metadata``, ``__R_0.distcp``; see
+:mod:`moe_lab.train.distributed`); :func:`load_checkpoint` reads both kinds.
 
 Example:
     >>> # path = save_checkpoint(run.checkpoints_dir, step, model=m, optimizer=opt, trainer_state={...})
@@ -35,6 +37,7 @@ __all__ = [
     "LoadedCheckpoint",
     "capture_rng_state",
     "check_model_config",
+    "finalize_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -161,30 +164,38 @@ def save_checkpoint(
             os.kill(os.getpid(), signal.SIGKILL)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(capture_rng_state(), tmp / "rng_state.pt")
-        meta = {"format_version": FORMAT_VERSION, "step": step, "torch_version": torch.__version__}
-        meta.update(trainer_state)
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        (tmp / COMPLETE_MARKER).write_text(f"step {step}\n", encoding="utf-8")
-        _fsync_file(tmp / COMPLETE_MARKER)
-        if final.exists():  # re-saving the same step: move the old one aside, then swap
-            old = d / f".old-step-{step}-{os.getpid()}-{time.time_ns()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        dir_fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        finalize_checkpoint(tmp, final, step, trainer_state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def finalize_checkpoint(tmp: Path, final: Path, step: int, trainer_state: dict[str, Any]) -> None:
+    """Complete the checkpoint written into the temp dir ``tmp``: add ``rng_state.pt`` and
+    ``trainer_state.json``, fsync, write ``COMPLETE`` last, then rename to ``final`` (replacing it)."""
+    torch.save(capture_rng_state(), tmp / "rng_state.pt")
+    meta = {"format_version": FORMAT_VERSION, "step": step, "torch_version": torch.__version__}
+    meta.update(trainer_state)
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    for f in tmp.iterdir():
+        if f.is_file():
+            _fsync_file(f)
+    (tmp / COMPLETE_MARKER).write_text(f"step {step}\n", encoding="utf-8")
+    _fsync_file(tmp / COMPLETE_MARKER)
+    d = final.parent
+    if final.exists():  # re-saving the same step: move the old one aside, then swap
+        old = d / f".old-step-{step}-{os.getpid()}-{time.time_ns()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    dir_fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def prune_checkpoints(checkpoints_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
@@ -224,10 +235,19 @@ def load_checkpoint(
     """Load a complete checkpoint in place into ``model`` (and ``optimizer``); restore RNG states.
 
     With ``model_config`` the saved model config must match, else :class:`CheckpointMismatchError`.
+    A distributed (DCP) checkpoint is resharded into ``model``, plain or parallelised.
     """
+    from moe_lab.parallel import is_distributed_checkpoint
+
     p = Path(path)
     if not (p / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{p} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    if is_distributed_checkpoint(p):
+        from moe_lab.train.distributed import load_dcp_checkpoint
+
+        return load_dcp_checkpoint(
+            p, model=_unwrap(model), optimizer=optimizer, model_config=model_config, restore_rng=restore_rng
+        )
     try:
         meta = json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:

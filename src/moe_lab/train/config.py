@@ -1,8 +1,9 @@
 """Configuration of a training run: :class:`TrainConfig` and the whole-run :class:`RunConfig`.
 
-A run is described by three sections, each a validated :class:`moe_lab.config.Config`:
-``model`` (:class:`moe_lab.models.ModelConfig`), ``data`` (:class:`moe_lab.data.DataConfig`) and
-``train`` (:class:`TrainConfig`). The run directory keeps the exact ``RunConfig`` that ran as
+A run is described by four sections, each a validated :class:`moe_lab.config.Config`:
+``model`` (:class:`moe_lab.models.ModelConfig`), ``data`` (:class:`moe_lab.data.DataConfig`),
+``train`` (:class:`TrainConfig`) and ``parallel`` (:class:`moe_lab.parallel.ParallelConfig`, used when
+the run is launched on several processes). The run directory keeps the exact ``RunConfig`` that ran as
 ``config.yaml``.
 
 Example:
@@ -26,6 +27,7 @@ from pydantic import Field, model_validator
 from moe_lab.config import Config, ConfigError
 from moe_lab.data import DataConfig
 from moe_lab.models import ModelConfig, get_preset
+from moe_lab.parallel.config import ParallelConfig
 
 __all__ = ["PRESET_RUN_DEFAULTS", "RunConfig", "TrainConfig"]
 
@@ -39,7 +41,7 @@ class TrainConfig(Config):
     num_epochs: float | None = Field(default=None, gt=0)
     """Passes over the training set (fractions allowed)."""
     batch_size: int = Field(default=16, ge=1)
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, over all processes (each of W ranks takes batch_size / W of them)."""
     grad_accum_steps: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum_steps)."""
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -141,8 +143,8 @@ PRESET_RUN_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 def _clean_error(msg: str) -> str:
     """Flatten pydantic's nested messages: ``train: batch_size: ... (got {...})`` -> ``train.batch_size: ...``."""
     msg = re.sub(r" \(got \{[^{}]*?(\}|\.\.\.)\)", "", msg)
-    msg = re.sub(r"\b(model|data|train): unknown key '([^']+)'", r"unknown key '\1.\2'", msg)
-    return re.sub(r"\b(model|data|train): (\w+): ", r"\1.\2: ", msg)
+    msg = re.sub(r"\b(model|data|train|parallel): unknown key '([^']+)'", r"unknown key '\1.\2'", msg)
+    return re.sub(r"\b(model|data|train|parallel): (\w+): ", r"\1.\2: ", msg)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -156,11 +158,13 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunConfig(Config):
-    """A whole run: ``model``, ``data`` and ``train`` sections (saved as the run's ``config.yaml``)."""
+    """A whole run: ``model``, ``data``, ``train`` and ``parallel`` sections (saved as ``config.yaml``)."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """Data / expert parallelism of a ``torchrun`` job (ignored by single-process runs)."""
 
     @classmethod
     def load(

@@ -1,6 +1,8 @@
 """Run a training job from a :class:`RunConfig`: data, tokenizer, model, run directory, trainer.
 
-This is what ``moe-lab train`` and ``python -m moe_lab.train`` call.
+This is what ``moe-lab train`` and ``python -m moe_lab.train`` call. Under ``torchrun`` every rank runs
+these functions; rank 0 alone builds the tokenizer first and writes the run directory, the other ranks
+then read the tokenizer from it, so all ranks tokenize the same way.
 
 Example:
     >>> from moe_lab.train.config import RunConfig
@@ -16,9 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from moe_lab.config import ConfigError
 from moe_lab.data import build_datasets, load_tokenizer
 from moe_lab.models import MoEModel
+from moe_lab.train import distributed as mdist
 from moe_lab.train.baseline import unigram_baseline
 from moe_lab.train.batches import is_indexable
 from moe_lab.train.callbacks.base import Callback
@@ -26,7 +31,7 @@ from moe_lab.train.checkpoint import latest_checkpoint
 from moe_lab.train.config import RunConfig
 from moe_lab.train.results import TrainingResult
 from moe_lab.train.rundir import RunDir, RunExistsError, default_run_name
-from moe_lab.train.trainer import MoETrainer, seed_everything
+from moe_lab.train.trainer import MoETrainer, save_tokenizer, seed_everything
 
 __all__ = [
     "load_run_config",
@@ -79,7 +84,7 @@ def _with_baseline(trainer: MoETrainer, train_ds: Any, val_ds: Any, vocab_size: 
     """Store the unigram baseline in the trainer's summary; returns the val set (None when empty)."""
     if val_ds is None or (is_indexable(val_ds) and len(val_ds) == 0):
         return None
-    if is_indexable(train_ds) and is_indexable(val_ds):
+    if is_indexable(train_ds) and is_indexable(val_ds) and trainer.is_main_process:
         trainer.summary_extra.update(unigram_baseline(train_ds, val_ds, vocab_size))
     return val_ds
 
@@ -97,26 +102,44 @@ def train_from_config(
 
     Refuses an existing run directory unless ``overwrite``. The saved ``config.yaml`` is ``cfg`` with
     ``model.vocab_size`` set to the tokenizer's and the run name filled in.
+    Under ``torchrun`` the run name is rank 0's, and only rank 0 writes.
     """
+    ctx = _job(cfg)
     path = resolve_run_dir(cfg, name=name, runs_dir=runs_dir)
+    if ctx.distributed:
+        path = Path(mdist.broadcast_text(str(path), ctx))  # a time-stamped default name is rank 0's
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise RunExistsError(
             f"run directory {path} already exists; pass --overwrite to replace it or --resume {path} to continue it"
         )
     _check_shapes(cfg)
-    train_ds, val_ds, tok = _build_data(cfg)
+    if ctx.distributed:
+        dist.barrier()  # every rank has checked the folder before rank 0 creates it
+    if ctx.is_main:
+        train_ds, val_ds, tok = _build_data(cfg)
+        run = RunDir.create(path, overwrite=overwrite)
+        save_tokenizer(tok, run)
+    if ctx.distributed:
+        dist.barrier()
+    if not ctx.is_main:
+        run = RunDir(path)
+        train_ds, val_ds, tok = _build_data(cfg, tokenizer=load_run_tokenizer(path, cfg))
     cfg = _with_vocab(cfg, int(tok.vocab_size))
     cfg = cfg.with_overrides(
         {"train.name": path.name, "train.runs_dir": str(path.parent), "train.run_dir": None}
     )
     seed_everything(cfg.train.seed)
-    model = MoEModel(cfg.model)
-    run = RunDir.create(path, overwrite=overwrite)
+    model = MoEModel(cfg.model)  # the same seed on every rank: the same initial weights
     trainer = MoETrainer(
         model, cfg.train, run_dir=run, callbacks=callbacks, tokenizer=tok, run_config=cfg, console=console
     )
     val_ds = _with_baseline(trainer, train_ds, val_ds, int(tok.vocab_size))
     return trainer.train(train_ds, val_ds)
+
+
+def _job(cfg: RunConfig) -> Any:
+    """This process's place in a ``torchrun`` job (a single-process context outside one)."""
+    return mdist.job_context(cfg.parallel, num_experts=cfg.model.num_experts, device=cfg.train.device)
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> RunConfig:
@@ -166,9 +189,12 @@ def resume_run(
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) does not match the run's tokenizer ({tok.vocab_size})"
         )
+    ctx = _job(cfg)
+    seed_everything(cfg.train.seed)
     model = MoEModel(cfg.model)
     run = RunDir(path)
-    cfg.to_yaml(run.config_path)
+    if ctx.is_main:
+        cfg.to_yaml(run.config_path)
     trainer = MoETrainer(
         model, cfg.train, run_dir=run, callbacks=callbacks, tokenizer=tok, run_config=cfg, console=console
     )
@@ -199,6 +225,6 @@ def load_run_model(
     meta = json.loads((ckpt_dir / "trainer_state.json").read_text(encoding="utf-8"))
     model_cfg = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else cfg.model
     model = MoEModel(model_cfg)
-    load_checkpoint(ckpt_dir, model=model, restore_rng=False)
+    load_checkpoint(ckpt_dir, model=model, restore_rng=False)  # a DCP checkpoint too (resharded)
     model.to(device).eval()
     return model, cfg, load_run_tokenizer(run_dir, cfg), ckpt_dir

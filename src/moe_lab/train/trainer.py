@@ -5,6 +5,10 @@ of ``loss / grad_accum_steps``), gradient clipping, AdamW step, scheduled learni
 ``load_balancing="aux_free_bias"`` a router-bias update from the step's routing. Everything else
 (metrics.jsonl, console, progress bar, checkpoints, early stopping, analytics) is a callback.
 
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs on every rank with the helpers of
+:mod:`moe_lab.train.distributed`: each rank trains on its slice of the global batch, and only rank 0
+writes the run directory.
+
 Example:
     >>> import torch
     >>> from moe_lab.models import MoEModel
@@ -31,13 +35,24 @@ import yaml
 from torch import nn
 
 from moe_lab.config import atomic_write_text
-from moe_lab.train.batches import as_dataset, eval_batches, is_indexable, make_train_iterator
-from moe_lab.train.callbacks import Callback, default_callbacks, resolve_callbacks
+from moe_lab.parallel import (
+    ParallelConfig,
+    export_consolidated,
+    is_distributed_checkpoint,
+)
+from moe_lab.train import distributed as mdist
+from moe_lab.train.batches import as_dataset, is_indexable, make_train_iterator
+from moe_lab.train.callbacks import (
+    Callback,
+    CheckpointCallback,
+    EarlyStopping,
+    default_callbacks,
+    resolve_callbacks,
+)
 from moe_lab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from moe_lab.train.config import TrainConfig
-from moe_lab.train.optim import build_optimizer, set_lr
+from moe_lab.train.optim import build_optimizer
 from moe_lab.train.results import EvalResult, TrainingResult
-from moe_lab.train.routing_stats import drop_rate, expert_load, merge_decisions
 from moe_lab.train.rundir import RunDir
 from moe_lab.train.setup import (
     apply_model_overrides,
@@ -47,6 +62,7 @@ from moe_lab.train.setup import (
     seed_everything,
 )
 from moe_lab.train.state import TrainState
+from moe_lab.train.step import evaluate_lm_loss, train_step
 
 __all__ = ["MoETrainer", "resolve_device", "save_tokenizer", "seed_everything"]
 
@@ -64,6 +80,8 @@ class MoETrainer:
         run_config: the :class:`RunConfig` written as ``config.yaml`` (default: model + train sections).
         console: print log lines / a progress bar (built-in callbacks).
         overwrite: replace an existing run directory instead of refusing.
+        parallel: data / expert parallelism under ``torchrun`` (default: ``run_config.parallel``); ignored
+            in a single process.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class MoETrainer:
         run_config: Any = None,
         console: bool = True,
         overwrite: bool = False,
+        parallel: ParallelConfig | None = None,
         **train_kwargs: Any,
     ) -> None:
         self.config = merge_train_kwargs(config or TrainConfig(), train_kwargs)
@@ -93,10 +112,19 @@ class MoETrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.total_steps = 0
         self.summary_extra: dict[str, Any] = {}
-        self.device = resolve_device(self.config.device)
+        self.parallel = parallel or getattr(run_config, "parallel", None) or ParallelConfig()
+        num_experts = getattr(getattr(model, "config", None), "num_experts", None)
+        self.ctx = mdist.job_context(self.parallel, num_experts=num_experts, device=self.config.device)
+        self.device = self.ctx.device
         self.model.to(self.device)
+        self._wrapped: nn.Module | None = None  # the DDP / FSDP2 model of a distributed run
         self._fwd: nn.Module = self.model
         self._iter: Any = None
+
+    @property
+    def is_main_process(self) -> bool:
+        """True in a single process and on rank 0: the process that writes the run directory."""
+        return self.ctx.is_main
 
     # ---- setup -------------------------------------------------------------------------------------
     def _model_config_dict(self) -> dict[str, Any] | None:
@@ -141,7 +169,12 @@ class MoETrainer:
             )
             if target is None:
                 return
+            if not self.is_main_process:
+                self.run_dir = RunDir(target)
+                return
             self.run_dir = RunDir.create(target, overwrite=self.overwrite)
+        if not self.is_main_process:
+            return
         rd = self.run_dir
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.checkpoints_dir.mkdir(exist_ok=True)
@@ -155,18 +188,34 @@ class MoETrainer:
         if self.tokenizer is not None and not (rd.tokenizer_path.exists() or rd.tokenizer_name_path.exists()):
             save_tokenizer(self.tokenizer, rd)
 
-    def _resume(self, resume_from: str | os.PathLike[str]) -> None:
-        ckpt = latest_checkpoint(resume_from)
-        if ckpt is None:
-            raise FileNotFoundError(f"no complete checkpoint found under {resume_from}")
+    def _parallelize(self, ckpt: Path | None) -> Any:
+        """Distributed runs: load a single-file checkpoint into the plain model, then wrap it (once)."""
+        preloaded = None
+        if ckpt is not None and not is_distributed_checkpoint(ckpt):
+            if self._wrapped is not None:
+                raise ValueError("a single-file checkpoint must be loaded before the model is parallelised")
+            preloaded = mdist.preload_single_file(
+                ckpt,
+                model=self.model,
+                cfg=self.config,
+                model_config=self._model_config_dict(),
+                device=self.device,
+            )
+        if self._wrapped is None:
+            self._wrapped = mdist.parallelize(self.model, self.ctx, self.parallel.data_parallel)
+        return preloaded
+
+    def _resume(self, ckpt: Path, preloaded: Any = None) -> None:
         assert self.optimizer is not None and self._iter is not None
-        loaded = load_checkpoint(
-            ckpt,
-            model=self.model,
-            optimizer=self.optimizer,
-            model_config=self._model_config_dict(),
-            map_location=self.device,
-        )
+        mcfg = self._model_config_dict()
+        if preloaded is not None:
+            loaded, named_optim = preloaded
+            if named_optim is not None:
+                mdist.load_named_optimizer_state(self.model, self.optimizer, named_optim)
+        else:  # a single-file checkpoint in one process, or a DCP one anywhere
+            loaded = load_checkpoint(
+                ckpt, model=self.model, optimizer=self.optimizer, model_config=mcfg, map_location=self.device
+            )
         fresh = {g["name"]: g["base_lr"] for g in build_optimizer(self.model, self.config).param_groups}
         for group in self.optimizer.param_groups:
             group["base_lr"] = fresh.get(group.get("name"), group["base_lr"])
@@ -199,24 +248,37 @@ class MoETrainer:
             raise ValueError("train_data is required")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.device = resolve_device(cfg.device)
+        self.device = self.ctx.device if self.ctx.distributed else resolve_device(cfg.device)
+        if self.ctx.distributed:
+            mdist.check_batch_size(cfg.batch_size, self.ctx.world_size)
         train_ds = as_dataset(train_data, name="train_data")
         eval_ds = as_dataset(eval_data, name="eval_data") if eval_data is not None else None
         self._check_seq_len(train_ds, "train_data")
         apply_model_overrides(self.model, cfg)
         self.model.to(self.device)
-        self._fwd = torch.compile(self.model) if cfg.compile else self.model  # type: ignore[assignment]
-        self.optimizer = build_optimizer(self.model, cfg)
+        ckpt = latest_checkpoint(resume_from) if resume_from is not None else None
+        if resume_from is not None and ckpt is None:
+            raise FileNotFoundError(f"no complete checkpoint found under {resume_from}")
+        preloaded = self._parallelize(ckpt) if self.ctx.distributed else None
+        model = self._wrapped if self._wrapped is not None else self.model
+        self._fwd = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+        self.optimizer = build_optimizer(self.model, cfg)  # by parameter name: self.model is never wrapped
         self._iter = make_train_iterator(train_ds, cfg.batch_size, seed=cfg.seed)
         self.total_steps = self._compute_total_steps()
         self.resumed_from = None
-        if resume_from is not None:
-            self._resume(resume_from)
+        if ckpt is not None:
+            self._resume(ckpt, preloaded)
         else:
             self.state = TrainState()
             seed_everything(cfg.seed)
             self._open_run_dir()
-        self.callbacks = default_callbacks(self) + resolve_callbacks(cfg.callbacks) + self.extra_callbacks
+        if self.is_main_process:
+            self.callbacks = default_callbacks(self) + resolve_callbacks(cfg.callbacks) + self.extra_callbacks
+        else:  # only what must run on every rank: the collective checkpoint save and the stop decision
+            everywhere = (CheckpointCallback, EarlyStopping)
+            self.callbacks = [
+                c for c in default_callbacks(self) + self.extra_callbacks if isinstance(c, everywhere)
+            ]
         self.eval_dataset = eval_ds
 
         t_start = time.perf_counter()
@@ -234,7 +296,10 @@ class MoETrainer:
                 self._run_eval(eval_ds)
                 last_eval_step = step
             self._emit("on_step_end", self, step, metrics)
-            if any(cb.should_stop(self) for cb in self.callbacks):
+            stop = any(cb.should_stop(self) for cb in self.callbacks)
+            if self.ctx.distributed:
+                stop = mdist.any_rank(stop, self.ctx)
+            if stop:
                 stopped_early = True
                 break
         if eval_ds is not None and last_eval_step != self.state.step:
@@ -254,7 +319,7 @@ class MoETrainer:
             extra=dict(self.summary_extra),
         )
         self._emit("on_train_end", self, result)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main_process:
             summary = result.to_dict()
             extra = summary.pop("extra")
             summary.update(extra)
@@ -268,28 +333,16 @@ class MoETrainer:
     ) -> EvalResult:
         """Mean next-token loss (nats/token, without router losses) and perplexity over ``data``."""
         ds = as_dataset(data, name="eval_data")
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        try:
-            for batch in eval_batches(ds, batch_size or self.config.batch_size, max_batches):
-                ids, mask, labels = self._unpack(batch)
-                with self._autocast():
-                    out = self._fwd(ids, attention_mask=mask, labels=labels)
-                targets = labels[:, 1:] != -100
-                if mask is not None:
-                    targets &= mask[:, 1:].bool()
-                n = int(targets.sum())
-                total += float(out.lm_loss) * n
-                count += n
-        finally:
-            self.model.train(was_training)
-        loss = total / count if count else float("nan")
-        return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count)
+        return evaluate_lm_loss(self, ds, max_batches, batch_size or self.config.batch_size)
 
     def save_model(self, path: str | os.PathLike[str]) -> Path:
         """Save the model (``save_pretrained`` format) and the tokenizer into the folder ``path``."""
         p = Path(path)
+        if self.ctx.distributed:  # collective: gather the full model, rank 0 writes it
+            export_consolidated(p, self.model)
+            if self.tokenizer is not None and self.is_main_process:
+                save_tokenizer(self.tokenizer, RunDir(p))
+            return p
         p.mkdir(parents=True, exist_ok=True)
         save_pretrained = getattr(self.model, "save_pretrained", None)
         if callable(save_pretrained):
@@ -313,14 +366,18 @@ class MoETrainer:
             "train_config": self.config.to_dict(),
             "total_steps": self.total_steps,
         }
-        path = save_checkpoint(
+        save = mdist.save_dcp_checkpoint if self.ctx.distributed else save_checkpoint
+        extra = {"ctx": self.ctx} if self.ctx.distributed else {}
+        path = save(
             self.run_dir.checkpoints_dir,
             self.state.step,
             model=self.model,
             optimizer=self.optimizer,
             trainer_state=meta,
+            **extra,
         )
-        prune_checkpoints(self.run_dir.checkpoints_dir, self.config.keep_last_checkpoints)
+        if self.is_main_process:
+            prune_checkpoints(self.run_dir.checkpoints_dir, self.config.keep_last_checkpoints)
         self._emit("on_checkpoint", self, self.state.step, path)
         return path
 
@@ -355,62 +412,7 @@ class MoETrainer:
         return ids, mask, labels
 
     def _train_step(self) -> tuple[dict[str, Any], list[Any]]:
-        cfg = self.config
-        assert self.optimizer is not None and self._iter is not None
-        self.model.train()
-        t0 = time.perf_counter()
-        lr = set_lr(self.optimizer, self.state.step, cfg, self.total_steps)
-        ga = cfg.grad_accum_steps
-        sums = torch.zeros(4, dtype=torch.float64)
-        tokens = 0
-        decisions = []
-        for _ in range(ga):
-            ids, mask, labels = self._unpack(next(self._iter))
-            with self._autocast():
-                out = self._fwd(ids, attention_mask=mask, labels=labels)
-            (out.loss / ga).backward()
-            parts = [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
-            sums += torch.stack([p.detach().float() for p in parts]).cpu().double()
-            tokens += int(mask.sum()) if mask is not None else ids.numel()
-            decisions.append([d.detach() for d in out.routing])
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        routing = merge_decisions(decisions)
-        if cfg.load_balancing == "aux_free_bias":
-            self.model.update_router_biases(routing)  # type: ignore[operator]
-        dt = time.perf_counter() - t0
-        loss, lm_loss, aux_loss, z_loss = (float(v) / ga for v in sums)
-        if not math.isfinite(loss):
-            raise ValueError(
-                f"training diverged: the loss is {loss} at step {self.state.step + 1}; lower "
-                "train.learning_rate, raise train.warmup_steps or set train.grad_clip"
-            )
-        st = self.state
-        st.step += 1
-        st.tokens_seen += tokens
-        st.train_time_s += dt
-        st.epoch = self._iter.epoch
-        st.last_loss = loss
-        self._last_lm_loss = lm_loss
-        metrics = {
-            "step": st.step,
-            "loss": loss,
-            "lm_loss": lm_loss,
-            "aux_loss": aux_loss,
-            "z_loss": z_loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-            "tokens": st.tokens_seen,
-            "epoch": st.epoch,
-            "step_time_s": dt,
-            "step_tokens": tokens,
-            "expert_load": expert_load(routing),
-            "drop_rate": drop_rate(routing),
-        }
-        return metrics, routing
+        return train_step(self)
 
     def _run_eval(self, eval_ds: Any) -> EvalResult:
         res = self.evaluate(eval_ds, max_batches=self.config.eval_batches)
