@@ -137,3 +137,34 @@ def test_finetuning_imported_model_lowers_loss(imported_mixtral, char_tok) -> No
     # only response tokens count: 2 per example ("3" + eos-less newline)
     n_resp = sum(sum(lab != -100 for lab in e.labels) for e in data)
     assert ft.evaluate(data, batch_size=8).tokens == n_resp
+
+
+def test_finetuner_gives_its_optimizer_to_the_trainer(tiny_model, char_tok, tmp_path: Path) -> None:
+    from moe_lab.finetune import enable_task_routing
+    from moe_lab.train import Callback, optim, trainer
+
+    class Check(Callback):
+        def __init__(self) -> None:
+            self.groups: list[list[str]] = []
+            self.tasks: list[list[int]] = []
+
+        def on_train_begin(self, tr) -> None:
+            assert trainer.build_optimizer is optim.build_optimizer  # no monkeypatching
+            self.groups.append([g["name"] for g in tr.optimizer.param_groups])
+
+    enable_task_routing(tiny_model, 2)
+    tasks: list[list[int]] = []
+    tiny_model.register_forward_pre_hook(
+        lambda m, a, kw: tasks.append(kw["task_ids"].tolist()), with_kwargs=True
+    )
+    cfg = FineTuneConfig(learning_rate=1e-3, expert_learning_rate=5e-4)
+    run, check = tmp_path / "run", Check()
+    kw = {"max_steps": 2, "batch_size": 4, "checkpoint_every": 2, "console": False, "callbacks": [check]}
+    data = _examples(char_tok, task=1)
+    FineTuner(tiny_model, cfg, run_dir=run, **kw).train(data)
+    assert tasks == [[1] * 4, [1] * 4]  # the examples' task ids reach the model's forward
+    ft2 = FineTuner(tiny_model, cfg, run_dir=run, **{**kw, "max_steps": 3})
+    assert ft2.trainer.optimizer_factory == ft2._factory
+    ft2.train(data, resume_from=run)  # the resumed optimizer has the fine-tuning groups: its state loads
+    assert check.groups == [["decay", "no_decay", "router", "experts"]] * 2
+    assert ft2.trainer.resumed_from is not None and ft2.trainer.state.step == 3

@@ -109,7 +109,7 @@ def test_collate_pads_and_masks(char_tok) -> None:
     )
     assert torch.equal(batch["labels"][1, :n_b], torch.tensor(b.labels))
     ds = InstructDataset([a, b])
-    assert ds[1]["input_ids"].shape == (len(a.input_ids),) and "task_id" not in ds[1]
+    assert ds[1]["input_ids"].shape == (len(a.input_ids),) and "task_ids" not in ds[1]
 
 
 def test_hf_tokenizers_tokenizer() -> None:

@@ -37,9 +37,13 @@ def test_multi_task_finetuning_and_generation(tiny_model, char_tok) -> None:
         )
     before = tiny_model.task_embed.weight.clone()
     ft = FineTuner(tiny_model, FineTuneConfig(learning_rate=1e-2, freeze=["embeddings"]), console=False)
+    per_task = {t: [e for e in data if e.task_id == t] for t in (0, 1)}
     first = ft.evaluate(data, batch_size=16).loss
+    first_per_task = {t: ft.evaluate(exs, batch_size=8).loss for t, exs in per_task.items()}
     ft.train(data, max_steps=30, batch_size=16, warmup_steps=0, weight_decay=0.0)
     assert ft.evaluate(data, batch_size=16).loss < first - 0.5
+    for t, exs in per_task.items():  # each task's batches carry their own task_ids and both improve
+        assert ft.evaluate(exs, batch_size=8).loss < first_per_task[t] - 0.5, t
     assert not torch.equal(tiny_model.task_embed.weight, before)  # the task vectors were trained
     ids = torch.tensor([char_tok.encode("<|user|>\ncat\n<|assistant|>\n")])
     load = task_expert_load(tiny_model, ids)

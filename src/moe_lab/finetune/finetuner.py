@@ -9,7 +9,10 @@ work unchanged) it adds:
   ``lm_head``, ``norms``, ``dense_ffn``, ``task_embed``) or by glob over parameter names (``layers.0.*``);
 * optional LoRA (:mod:`moe_lab.finetune.lora`);
 * instruction data with response-only loss (:mod:`moe_lab.finetune.instruct`) and per-example task ids
-  for task-adaptive routing.
+  for task-adaptive routing (the items' ``task_ids`` reach the model's forward through the trainer).
+
+The fine-tuning optimizer is given to the trainer as its ``optimizer_factory``, so a resumed fine-tune
+rebuilds the same parameter groups.
 
 Example:
     >>> import torch
@@ -24,10 +27,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,7 +40,6 @@ from moe_lab.config import Config
 from moe_lab.finetune.instruct import InstructDataset, InstructExample
 from moe_lab.finetune.lora import LoRAConfig, MoELoRA, apply_lora
 from moe_lab.train import Callback, MoETrainer, TrainConfig, TrainingResult
-from moe_lab.train import trainer as _trainer_mod
 from moe_lab.train.optim import param_groups
 
 __all__ = ["FREEZE_GROUPS", "FineTuneConfig", "FineTuner", "freeze_parameters", "matches_group"]
@@ -157,31 +158,6 @@ def build_finetune_optimizer(model: nn.Module, train: TrainConfig, ft: FineTuneC
     return torch.optim.AdamW(out, lr=ft.learning_rate, betas=train.betas, eps=train.eps)
 
 
-@contextlib.contextmanager
-def _optimizer_factory(factory: Any) -> Iterator[None]:
-    # MoETrainer builds its optimizer with the module-level ``build_optimizer``; route it to ours for the
-    # duration of one train() call (see the report: an ``optimizer_factory`` hook would replace this).
-    original = _trainer_mod.build_optimizer
-    _trainer_mod.build_optimizer = factory  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        _trainer_mod.build_optimizer = original  # type: ignore[assignment]
-
-
-class _TaskAwareTrainer(MoETrainer):
-    """Feeds each batch's ``task_id`` column to the model as ``task_ids`` (through a forward pre-hook)."""
-
-    _pending_task_ids: torch.Tensor | None = None
-
-    def _unpack(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        tasks = batch.get("task_id")
-        self._pending_task_ids = tasks.to(self.device) if tasks is not None else None
-        return super()._unpack(batch)
-
-
 class _SaveLoRAConfig(Callback):
     """Writes ``adapter_config.json`` into the run directory, so the run's checkpoints (which hold the
     LoRA-wrapped model) can be rebuilt by :func:`moe_lab.interop.rundir.load_run_model`."""
@@ -235,9 +211,10 @@ class FineTuner:
             }
         )
         extra = [_SaveLoRAConfig(self.lora)] if self.lora is not None else []
-        self.trainer = _TaskAwareTrainer(
+        self.trainer = MoETrainer(
             model,
             tc,
+            optimizer_factory=self._factory,
             run_dir=run_dir,
             callbacks=[*extra, *callbacks],
             tokenizer=tokenizer,
@@ -254,12 +231,6 @@ class FineTuner:
             return InstructDataset(data, pad_id=self.config.pad_token_id)
         return data
 
-    def _inject_task_ids(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        pending = self.trainer._pending_task_ids
-        if pending is not None and kwargs.get("task_ids") is None:
-            kwargs = {**kwargs, "task_ids": pending}
-        return args, kwargs
-
     def _factory(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         return build_finetune_optimizer(model, cfg, self.config)
 
@@ -273,27 +244,16 @@ class FineTuner:
     ) -> TrainingResult:
         """Train (see :meth:`moe_lab.train.MoETrainer.train`); lists of :class:`InstructExample` are
         padded into an :class:`InstructDataset`."""
-        hook = self.model.register_forward_pre_hook(self._inject_task_ids, with_kwargs=True)
-        try:
-            with _optimizer_factory(self._factory):
-                return self.trainer.train(
-                    self._data(train_data),
-                    self._data(eval_data) if eval_data is not None else None,
-                    resume_from=resume_from,
-                    **train_kwargs,
-                )
-        finally:
-            hook.remove()
-            self.trainer._pending_task_ids = None
+        return self.trainer.train(
+            self._data(train_data),
+            self._data(eval_data) if eval_data is not None else None,
+            resume_from=resume_from,
+            **train_kwargs,
+        )
 
     def evaluate(self, data: Any, max_batches: int | None = None, batch_size: int | None = None) -> Any:
         """Validation loss / perplexity (response tokens only for instruction data)."""
-        hook = self.model.register_forward_pre_hook(self._inject_task_ids, with_kwargs=True)
-        try:
-            return self.trainer.evaluate(self._data(data), max_batches=max_batches, batch_size=batch_size)
-        finally:
-            hook.remove()
-            self.trainer._pending_task_ids = None
+        return self.trainer.evaluate(self._data(data), max_batches=max_batches, batch_size=batch_size)
 
     def save_adapter(self, out_dir: str | os.PathLike[str]) -> Any:
         """Save the LoRA adapter (requires ``config.lora``)."""

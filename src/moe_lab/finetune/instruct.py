@@ -247,7 +247,8 @@ class InstructDataset(torch.utils.data.Dataset):
 
     Each item is a dict of ``[L]`` tensors right-padded to ``length`` (default: the longest example):
     ``input_ids``, ``attention_mask`` (0 on padding), ``labels`` (-100 on prompt and padding), and a 0-dim
-    ``task_id`` when the examples carry task ids (the fine-tuner passes it to the model as ``task_ids``).
+    ``task_ids`` when the examples carry task ids (the trainer's batches stack it to ``[B]`` and pass it to
+    the model's forward).
     """
 
     def __init__(
@@ -269,7 +270,7 @@ class InstructDataset(torch.utils.data.Dataset):
         batch = collate_instruct([self.examples[i]], self.pad_id, pad_to=self.length)
         item = {k: v[0, : self.length] for k, v in batch.items() if k != "task_ids"}
         if "task_ids" in batch:
-            item["task_id"] = batch["task_ids"][0]
+            item["task_ids"] = batch["task_ids"][0]
         return item
 
 

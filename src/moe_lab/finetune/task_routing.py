@@ -2,8 +2,8 @@
 
 :func:`enable_task_routing` gives an existing model ``num_tasks`` task embeddings (zero-initialised, so the
 model's outputs are unchanged until it is fine-tuned); fine-tune with examples that carry a ``task`` (see
-:mod:`moe_lab.finetune.instruct`) through :class:`~moe_lab.finetune.FineTuner`, which passes ``task_ids`` to
-the model; then :func:`generate_for_task` conditions generation on a task and :func:`task_expert_load` shows
+:mod:`moe_lab.finetune.instruct`) through :class:`~moe_lab.finetune.FineTuner`: the dataset's ``task_ids``
+reach the model's forward through the trainer's batches; then :func:`generate_for_task` conditions generation on a task and :func:`task_expert_load` shows
 how routing differs per task.
 
 Example:

@@ -1,7 +1,7 @@
 """Turn training data into shuffled, resumable ``[B, S]`` batches.
 
 Accepted data: an indexable dataset whose items are ``[S]`` LongTensors or dicts with ``input_ids``
-(optionally ``labels``, ``attention_mask``), such as the datasets of :mod:`moe_lab.data`; a ``[N, S]``
+(optionally ``labels``, ``attention_mask``, and an integer ``task_ids`` per item), such as the datasets of :mod:`moe_lab.data`; a ``[N, S]``
 LongTensor; or a list of token-id lists (unequal lengths are right-padded and masked).
 
 The order is a per-epoch permutation drawn from its own generator (``seed + epoch``), so the position
@@ -107,14 +107,40 @@ def make_train_iterator(dataset: Any, batch_size: int, *, seed: int) -> Any:
     return make_batch_iterator(dataset, batch_size, seed=seed)
 
 
+def _task_ids(items: list[Any]) -> Tensor:
+    """The items' ``task_ids`` (one integer each) as a ``[B]`` int64 tensor."""
+    out = []
+    for i, it in enumerate(items):
+        t = torch.as_tensor(it["task_ids"]) if "task_ids" in it else None
+        if t is None or t.numel() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            got = "no task_ids" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise ValueError(
+                f"dataset item {i} of the batch: 'task_ids' must be one integer per item (as in item 0), "
+                f"got {got}"
+            )
+        out.append(t.reshape(()).long())
+    return torch.stack(out)
+
+
 def collate(items: list[Any]) -> dict[str, Tensor]:
-    """Stack items (tensors or dicts) into a batch dict with ``input_ids`` (and ``labels``...)."""
+    """Stack items (tensors or dicts) into a batch dict with ``input_ids`` (and ``labels``...).
+
+    Dict items may carry ``task_ids``: one integer each (task-adaptive routing), stacked to ``[B]`` int64.
+
+    Example:
+        >>> b = collate([{"input_ids": torch.arange(4), "task_ids": 1}, {"input_ids": torch.arange(4), "task_ids": 0}])
+        >>> b["input_ids"].shape, b["task_ids"].tolist()
+        (torch.Size([2, 4]), [1, 0])
+    """
     first = items[0]
     if isinstance(first, Tensor):
         ids = torch.stack([t.long() for t in items])
         return {"input_ids": ids}
     if isinstance(first, dict):
-        return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in first if k != "task_ids"}
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in first if k != "task_ids"}
+        if "task_ids" in first:
+            batch["task_ids"] = _task_ids(items)
+        return batch
     raise ValueError(f"dataset items must be tensors or dicts, got {type(first).__name__}")
 
 

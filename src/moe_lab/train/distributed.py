@@ -270,11 +270,19 @@ def load_dcp_checkpoint(
 
 
 def preload_single_file(
-    path: Path, *, model: nn.Module, cfg: Any, model_config: dict[str, Any] | None, device: torch.device
+    path: Path,
+    *,
+    model: nn.Module,
+    cfg: Any,
+    model_config: dict[str, Any] | None,
+    device: torch.device,
+    optimizer_factory: Any = None,
 ) -> tuple[LoadedCheckpoint, dict[str, Any] | None]:
     """Resume a single-process checkpoint on several processes, step 1 (before parallelising): load the
     weights (and RNG) into the plain ``model`` and return the optimizer state keyed by parameter names,
-    for :func:`load_named_optimizer_state` once the model is parallelised and the optimizer built."""
+    for :func:`load_named_optimizer_state` once the model is parallelised and the optimizer built.
+    ``optimizer_factory(model, cfg)`` must build the optimizer the checkpoint was saved from (default:
+    :func:`moe_lab.train.optim.build_optimizer`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from moe_lab.train.checkpoint import load_checkpoint
@@ -283,7 +291,7 @@ def preload_single_file(
     loaded = load_checkpoint(path, model=model, model_config=model_config, map_location=device)
     if not (path / "optimizer.pt").is_file():
         return loaded, None
-    plain = build_optimizer(model, cfg)
+    plain = (optimizer_factory or build_optimizer)(model, cfg)
     plain.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     named = get_optimizer_state_dict(model, plain, options=StateDictOptions(full_state_dict=True))
     return loaded, named

@@ -185,9 +185,10 @@ def resume_run(
     _check_shapes(cfg)
     tok = load_run_tokenizer(path, cfg)
     train_ds, val_ds, _ = _build_data(cfg, tokenizer=tok)
-    if cfg.model.vocab_size != tok.vocab_size:
+    if int(tok.vocab_size) > cfg.model.vocab_size:  # a padded embedding (imported Qwen models) is fine
         raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) does not match the run's tokenizer ({tok.vocab_size})"
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the run's tokenizer's "
+            f"({tok.vocab_size}): the tokenizer can produce ids the model cannot embed"
         )
     ctx = _job(cfg)
     seed_everything(cfg.train.seed)

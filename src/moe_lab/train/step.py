@@ -1,6 +1,7 @@
 """One optimizer step and one evaluation pass of :class:`moe_lab.train.MoETrainer`.
 
-Kept apart from the trainer's bookkeeping. In a ``torchrun`` job each rank trains on its slice of the
+Kept apart from the trainer's bookkeeping. A batch's ``task_ids`` (when the data has them) go to the
+model's forward as ``task_ids``. In a ``torchrun`` job each rank trains on its slice of the
 global batch, then expert gradients are synced, the gradient norm is the global one, and losses and
 routing counts are all-reduced, so every rank logs (and decides) the same numbers.
 
@@ -24,7 +25,14 @@ from moe_lab.train.optim import set_lr
 from moe_lab.train.results import EvalResult
 from moe_lab.train.routing_stats import drop_rate, expert_load, merge_decisions
 
-__all__ = ["evaluate_lm_loss", "train_step"]
+__all__ = ["evaluate_lm_loss", "extra_inputs", "train_step"]
+
+
+def extra_inputs(tr: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model keyword inputs beyond ids / mask / labels, only those the batch has: ``task_ids`` ``[B]`` for
+    task-adaptive routing. A model without tasks never sees the keyword."""
+    task_ids = batch.get("task_ids")
+    return {} if task_ids is None else {"task_ids": task_ids.to(tr.device, non_blocking=True)}
 
 
 def _clip(tr: Any) -> float:
@@ -57,9 +65,10 @@ def train_step(tr: Any) -> tuple[dict[str, Any], list[Any]]:
         batch = next(tr._iter)  # the global batch: its tokens count every rank's
         mask_all = batch.get("attention_mask")
         tokens += int(mask_all.sum()) if mask_all is not None else batch["input_ids"].numel()
-        ids, mask, labels = tr._unpack(mdist.rank_slice(batch, tr.ctx) if dist_run else batch)
+        part = mdist.rank_slice(batch, tr.ctx) if dist_run else batch  # task_ids are sliced with the rows
+        ids, mask, labels = tr._unpack(part)
         with tr._autocast():
-            out = tr._fwd(ids, attention_mask=mask, labels=labels)
+            out = tr._fwd(ids, attention_mask=mask, labels=labels, **extra_inputs(tr, part))
         (out.loss / ga).backward()
         parts = [out.loss, out.lm_loss, out.aux_loss, out.z_loss]
         sums += torch.stack([p.detach().float() for p in parts]).cpu().double()
@@ -118,7 +127,7 @@ def evaluate_lm_loss(tr: Any, ds: Any, max_batches: int | None, batch_size: int)
                 batch, weight = mdist.eval_part(batch, tr.ctx)
             ids, mask, labels = tr._unpack(batch)
             with tr._autocast():
-                out = tr._fwd(ids, attention_mask=mask, labels=labels)
+                out = tr._fwd(ids, attention_mask=mask, labels=labels, **extra_inputs(tr, batch))
             targets = labels[:, 1:] != -100
             if mask is not None:
                 targets &= mask[:, 1:].bool()

@@ -26,7 +26,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,10 @@ from moe_lab.train.setup import (
 from moe_lab.train.state import TrainState
 from moe_lab.train.step import evaluate_lm_loss, train_step
 
-__all__ = ["MoETrainer", "resolve_device", "save_tokenizer", "seed_everything"]
+__all__ = ["MoETrainer", "OptimizerFactory", "resolve_device", "save_tokenizer", "seed_everything"]
+
+OptimizerFactory = Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
+"""Builds the optimizer of a run from the (plain, unwrapped) model and the train config."""
 
 
 class MoETrainer:
@@ -82,6 +85,20 @@ class MoETrainer:
         overwrite: replace an existing run directory instead of refusing.
         parallel: data / expert parallelism under ``torchrun`` (default: ``run_config.parallel``); ignored
             in a single process.
+        optimizer_factory: ``(model, train_config) -> torch.optim.Optimizer`` used instead of
+            :func:`~moe_lab.train.optim.build_optimizer` (on a fresh start and on resume; in a distributed
+            run it is called after parallelisation). Groups without ``base_lr`` get their ``lr`` as the
+            peak of the schedule.
+
+    Example:
+        >>> import torch
+        >>> from moe_lab.models import MoEModel
+        >>> model = MoEModel.from_preset("tiny")
+        >>> sgd = lambda m, cfg: torch.optim.SGD(m.parameters(), lr=cfg.learning_rate)
+        >>> tr = MoETrainer(model, optimizer_factory=sgd, console=False)
+        >>> data = torch.randint(0, model.config.vocab_size, (8, 16))
+        >>> tr.train(data, max_steps=1, batch_size=4).steps, type(tr.optimizer).__name__
+        (1, 'SGD')
     """
 
     def __init__(
@@ -96,10 +113,12 @@ class MoETrainer:
         console: bool = True,
         overwrite: bool = False,
         parallel: ParallelConfig | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
         **train_kwargs: Any,
     ) -> None:
         self.config = merge_train_kwargs(config or TrainConfig(), train_kwargs)
         self.model = model
+        self.optimizer_factory: OptimizerFactory = optimizer_factory or build_optimizer
         self.tokenizer = tokenizer
         self.run_config = run_config
         self.console = console
@@ -188,6 +207,17 @@ class MoETrainer:
         if self.tokenizer is not None and not (rd.tokenizer_path.exists() or rd.tokenizer_name_path.exists()):
             save_tokenizer(self.tokenizer, rd)
 
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The run's optimizer over ``self.model`` (never the wrapper: state is keyed by parameter name)."""
+        opt = self.optimizer_factory(self.model, self.config)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer_factory must return a torch.optim.Optimizer, got {type(opt).__name__}"
+            )
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])  # the schedule's peak (see optim.set_lr)
+        return opt
+
     def _parallelize(self, ckpt: Path | None) -> Any:
         """Distributed runs: load a single-file checkpoint into the plain model, then wrap it (once)."""
         preloaded = None
@@ -200,6 +230,7 @@ class MoETrainer:
                 cfg=self.config,
                 model_config=self._model_config_dict(),
                 device=self.device,
+                optimizer_factory=self.optimizer_factory,
             )
         if self._wrapped is None:
             self._wrapped = mdist.parallelize(self.model, self.ctx, self.parallel.data_parallel)
@@ -208,6 +239,8 @@ class MoETrainer:
     def _resume(self, ckpt: Path, preloaded: Any = None) -> None:
         assert self.optimizer is not None and self._iter is not None
         mcfg = self._model_config_dict()
+        # the peak rates of the current config win over the checkpoint's (a resume may change them)
+        peaks = [g["base_lr"] for g in self.optimizer.param_groups]
         if preloaded is not None:
             loaded, named_optim = preloaded
             if named_optim is not None:
@@ -216,9 +249,8 @@ class MoETrainer:
             loaded = load_checkpoint(
                 ckpt, model=self.model, optimizer=self.optimizer, model_config=mcfg, map_location=self.device
             )
-        fresh = {g["name"]: g["base_lr"] for g in build_optimizer(self.model, self.config).param_groups}
-        for group in self.optimizer.param_groups:
-            group["base_lr"] = fresh.get(group.get("name"), group["base_lr"])
+        for group, peak in zip(self.optimizer.param_groups, peaks, strict=True):
+            group["base_lr"] = peak
         meta = loaded.trainer_state
         self.state = TrainState.from_dict(meta.get("train_state", {}))
         if "data_state" in meta:
@@ -262,7 +294,7 @@ class MoETrainer:
         preloaded = self._parallelize(ckpt) if self.ctx.distributed else None
         model = self._wrapped if self._wrapped is not None else self.model
         self._fwd = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
-        self.optimizer = build_optimizer(self.model, cfg)  # by parameter name: self.model is never wrapped
+        self.optimizer = self._build_optimizer()  # after parallelisation, over the unwrapped model
         self._iter = make_train_iterator(train_ds, cfg.batch_size, seed=cfg.seed)
         self.total_steps = self._compute_total_steps()
         self.resumed_from = None
