@@ -17,12 +17,13 @@ from moe_lab.train.launch import resume_run, train_from_config
 from moe_lab.train.results import EvalResult, TrainingResult
 from moe_lab.train.rundir import RunDir
 from moe_lab.train.state import TrainState
-from moe_lab.train.trainer import MoETrainer
+from moe_lab.train.trainer import MoETrainer, OptimizerFactory
 
 __all__ = [
     "Callback",
     "EvalResult",
     "MoETrainer",
+    "OptimizerFactory",
     "RunConfig",
     "RunDir",
     "TrainConfig",
