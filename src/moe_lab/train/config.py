@@ -126,14 +126,14 @@ PRESET_RUN_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "data": {"tokenizer": "bpe", "bpe_vocab_size": 4096, "seq_len": 128, "max_bytes": 3_000_000},
         "train": {
-            "max_steps": 400,
+            "max_steps": 320,
             "batch_size": 16,
             "learning_rate": 3e-3,
             "warmup_steps": 30,
             "min_lr_ratio": 0.1,
-            "eval_every": 100,
+            "eval_every": 80,
             "eval_batches": 20,
-            "checkpoint_every": 100,
+            "checkpoint_every": 80,
             "log_every": 20,
         },
     },
