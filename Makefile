@@ -55,7 +55,7 @@ $(STAMP): | $(BIN)/python
 
 install: $(STAMP) ## Install moe-lab editable with extras (EXTRAS=all) under the pins of constraints.txt
 
-demo: install ## Train the tiny demo model, then write its report
+demo: install ## Train the small demo MoE on the bundled corpus (a few minutes on 2 cores), then write its routing report
 	$(BIN)/moe-lab train --overwrite --name demo
 	$(BIN)/moe-lab report runs/demo
 

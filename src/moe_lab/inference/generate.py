@@ -207,16 +207,35 @@ def generate(
     done_B = torch.zeros(b, dtype=torch.bool, device=device)
     routing: list[list[RoutingDecision]] | None = [] if cfg.return_routing else None
 
+    steps = min(cfg.max_new_tokens, max_len - s)
+    # preallocated [B, S + steps] token and mask buffers: a step writes one column (no torch.cat copies)
+    ids_buf = torch.full((b, s + steps), pad_id, dtype=ids.dtype, device=device)
+    mask_buf = torch.zeros((b, s + steps), dtype=mask.dtype, device=device)
+    ids_buf[:, :s], mask_buf[:, :s] = ids, mask
+    width = s
+    any_done = False
     was_training = model.training
     model.eval()
     try:
         cache, step_ids = None, ids
-        for _ in range(min(cfg.max_new_tokens, max_len - s)):
+        for _ in range(steps):
             if cfg.use_cache:
-                out = model(step_ids, attention_mask=mask, kv_cache=cache, use_cache=True, task_ids=task_ids)
+                out = model(
+                    step_ids,
+                    attention_mask=mask_buf[:, :width],
+                    kv_cache=cache,
+                    use_cache=True,
+                    task_ids=task_ids,
+                    logits_to_keep=1,
+                )
                 cache = out.kv_cache
             else:
-                out = model(ids, attention_mask=mask, task_ids=task_ids)
+                out = model(
+                    ids_buf[:, :width],
+                    attention_mask=mask_buf[:, :width],
+                    task_ids=task_ids,
+                    logits_to_keep=1,
+                )
             if routing is not None:
                 routing.append([d.detach() for d in out.routing])
             next_B = sample_next_token(
@@ -226,10 +245,14 @@ def generate(
                 top_p=cfg.top_p,
                 generator=generator,
             )
-            next_B = next_B.masked_fill(done_B, pad_id)
-            ids = torch.cat((ids, next_B[:, None]), dim=1)
-            mask = torch.cat((mask, (~done_B).long()[:, None]), dim=1)
-            step_ids = next_B[:, None]
+            if any_done:
+                next_B = next_B.masked_fill(done_B, pad_id)
+                mask_buf[:, width] = (~done_B).long()
+            else:
+                mask_buf[:, width] = 1
+            ids_buf[:, width] = next_B
+            width += 1
+            step_ids = ids_buf[:, width - 1 : width]
             for i, tok in enumerate(next_B.tolist()):
                 if reasons[i] is not None:
                     continue
@@ -241,10 +264,12 @@ def generate(
                 ):
                     reasons[i] = "stop"
                     done_B[i] = True
-            if bool(done_B.all()):
+                    any_done = True
+            if any_done and all(r is not None for r in reasons):
                 break
     finally:
         model.train(was_training)
+    ids, mask = ids_buf[:, :width].contiguous(), mask_buf[:, :width].contiguous()
     finish = [r or "length" for r in reasons]
     return GenerationOutput(
         sequences=ids, new_tokens=new_tokens, finish_reason=finish, attention_mask=mask, routing=routing

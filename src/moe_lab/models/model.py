@@ -266,6 +266,8 @@ class MoEModel(nn.Module):
     def _positions(self, mask_BK: Tensor | None, b: int, s: int, past: int, device: torch.device) -> Tensor:
         if mask_BK is None:
             return torch.arange(past, past + s, device=device)[None].expand(b, s)
+        if s == 1:  # one new token: the last entry of the cumulative sum below, without the cumsum
+            return (mask_BK.long().sum(-1, keepdim=True) - 1).clamp(min=0)
         pos_BK = (mask_BK.long().cumsum(-1) - 1).clamp(min=0)
         return pos_BK[:, past:]
 
@@ -279,6 +281,7 @@ class MoEModel(nn.Module):
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
         task_ids: Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> MoEOutput:
         """Run the model.
 
@@ -291,12 +294,23 @@ class MoEModel(nn.Module):
             kv_cache: a cache from a previous call with ``use_cache=True``.
             use_cache: return a (new or updated) cache in ``MoEOutput.kv_cache``.
             task_ids: ``[B]`` task index per row when ``num_tasks > 0`` (task-adaptive routing).
+            logits_to_keep: 0 (default) = logits for every position; n > 0 = only for the last n positions
+                (``logits`` is then ``[B, n, V]``; generation needs only the last). Not with ``labels``.
+
+        In eval mode without labels, ``aux_loss`` and ``z_loss`` are zeros (the router losses are not
+        computed: nothing consumes them there); ``routing`` is returned as always.
         """
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
         device = input_ids.device
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(
+                f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}"
+            )
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep needs labels=None (the loss uses the logits of every position)")
         if kv_cache is None and use_cache:
             kv_cache = KVCache(cfg.num_layers)
         past = kv_cache.get_seq_length() if kv_cache is not None else 0
@@ -319,7 +333,7 @@ class MoEModel(nn.Module):
 
         h_BSD = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, h_BSD.dtype)
-        mask = build_attention_mask(attention_mask, s, past, device)
+        mask = self._attention_mask(attention_mask, s, past, device)
         routing: list[RoutingDecision] = []
         for blk in self.layers:
             args = (h_BSD, cos, sin, mask, kv_cache, token_mask_BS, router_bias_BSD)
@@ -329,14 +343,34 @@ class MoEModel(nn.Module):
                 h_BSD, decision = blk(*args)
             if decision is not None:
                 routing.append(decision)
+        if logits_to_keep and logits_to_keep < s:
+            h_BSD = h_BSD[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(h_BSD))
 
-        aux, z = self._router_losses(routing, logits)
+        if self.training or labels is not None:
+            aux, z = self._router_losses(routing, logits)
+        else:  # eval without labels: nothing consumes the router losses, skip their cost
+            aux = z = logits.new_zeros((), dtype=torch.float32)
         out = MoEOutput(logits=logits, aux_loss=aux, z_loss=z, routing=routing, kv_cache=kv_cache)
         if labels is not None:
             out.lm_loss = self._lm_loss(logits, labels, token_mask_BS)
             out.loss = out.lm_loss + aux + z
         return out
+
+    @staticmethod
+    def _attention_mask(mask_BK: Tensor | None, s: int, past: int, device: torch.device) -> Tensor | None:
+        """``build_attention_mask``, with a cheaper equivalent for one new token on top of a cache.
+
+        One query at position ``past`` may see every key: its mask row is the key padding mask with its own
+        key forced on, and None (attend to all) when nothing is padded.
+        """
+        if s == 1 and past > 0 and mask_BK is not None:
+            if bool(mask_BK[:, :-1].all()):
+                return None
+            keep_BK = mask_BK.to(device=device, dtype=torch.bool, copy=True)
+            keep_BK[:, -1] = True
+            return keep_BK[:, None, None, :]
+        return build_attention_mask(mask_BK, s, past, device)
 
     def _router_losses(self, routing: list[RoutingDecision], like: Tensor) -> tuple[Tensor, Tensor]:
         from moe_lab.nn.losses import load_balancing_loss, router_z_loss

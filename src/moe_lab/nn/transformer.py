@@ -52,9 +52,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x32 = x.to(torch.float32)
+        x32 = x if dtype == torch.float32 else x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * (x32 if dtype == torch.float32 else x32.to(dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -115,16 +115,28 @@ class KVCache:
     """Per-layer key/value tensors ``[B, G, P, Dh]`` for incremental decoding.
 
     The model creates one when called with ``use_cache=True`` and returns it in ``MoEOutput.kv_cache``;
-    pass it back with ``kv_cache=...`` together with only the new tokens.
+    pass it back with ``kv_cache=...`` together with only the new tokens. ``keys[i]`` / ``values[i]`` are
+    the cached tensors of layer i. Without autograd, once a layer's cache is longer than
+    ``concat_max_numel`` elements they are views into buffers that grow geometrically, so a decode step
+    writes its new positions in place instead of copying the whole cache (``torch.cat``).
 
     >>> cache = KVCache(num_layers=2)
     >>> cache.get_seq_length()
     0
     """
 
+    concat_max_numel = 1 << 16
+    """Caches up to this many elements per layer tensor grow by ``torch.cat`` (cheaper than the buffer
+    bookkeeping while they are short); larger ones move to the growing buffers."""
+
     def __init__(self, num_layers: int) -> None:
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        # growth buffers [B, G, capacity, Dh]; used only while keys[i] is still the view handed out last
+        self._key_buf: list[Tensor | None] = [None] * num_layers
+        self._value_buf: list[Tensor | None] = [None] * num_layers
+        self._key_view: list[Tensor | None] = [None] * num_layers
+        self._value_view: list[Tensor | None] = [None] * num_layers
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -134,14 +146,52 @@ class KVCache:
         k = self.keys[layer_idx]
         return 0 if k is None else int(k.shape[-2])
 
+    def _fits(self, layer_idx: int, old_k: Tensor, old_v: Tensor, new_k: Tensor, new_v: Tensor) -> bool:
+        """The layer's buffers hold ``old_k``/``old_v`` (the views handed out last) and have room for the new."""
+        kb, vb = self._key_buf[layer_idx], self._value_buf[layer_idx]
+        return (
+            kb is not None
+            and vb is not None
+            and old_k is self._key_view[layer_idx]
+            and old_v is self._value_view[layer_idx]
+            and old_k.shape[-2] + new_k.shape[-2] <= kb.shape[-2]
+            and new_k.shape[:-2] == kb.shape[:-2]
+            and new_v.shape[:-2] == vb.shape[:-2]
+            and new_k.dtype == kb.dtype
+            and new_v.dtype == vb.dtype
+        )
+
     def update(self, layer_idx: int, k_BGSD: Tensor, v_BGSD: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys/values for one layer; return all keys/values ``[B, G, P + S, Dh]``."""
         old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        if old_k is not None and old_v is not None:
-            k_BGSD = torch.cat((old_k, k_BGSD), dim=-2)
-            v_BGSD = torch.cat((old_v, v_BGSD), dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = k_BGSD, v_BGSD
-        return k_BGSD, v_BGSD
+        grad = k_BGSD.requires_grad or v_BGSD.requires_grad
+        small = old_k is None or old_k.numel() + k_BGSD.numel() <= self.concat_max_numel
+        if grad or (small and self._key_buf[layer_idx] is None):
+            if old_k is not None and old_v is not None:  # autograd or a short cache: plain concatenation
+                k_BGSD = torch.cat((old_k, k_BGSD), dim=-2)
+                v_BGSD = torch.cat((old_v, v_BGSD), dim=-2)
+            self.keys[layer_idx], self.values[layer_idx] = k_BGSD, v_BGSD
+            self._key_buf[layer_idx] = self._value_buf[layer_idx] = None
+            self._key_view[layer_idx] = self._value_view[layer_idx] = None
+            return k_BGSD, v_BGSD
+        p = 0 if old_k is None else old_k.shape[-2]
+        s = k_BGSD.shape[-2]
+        if old_k is None or old_v is None or not self._fits(layer_idx, old_k, old_v, k_BGSD, v_BGSD):
+            cap = p + s + max(64, (p + s) // 2)  # geometric growth: amortised O(1) copy per position
+            new_kb = k_BGSD.new_empty((*k_BGSD.shape[:-2], cap, k_BGSD.shape[-1]))
+            new_vb = v_BGSD.new_empty((*v_BGSD.shape[:-2], cap, v_BGSD.shape[-1]))
+            if old_k is not None and old_v is not None:
+                new_kb.narrow(-2, 0, p).copy_(old_k)
+                new_vb.narrow(-2, 0, p).copy_(old_v)
+            self._key_buf[layer_idx], self._value_buf[layer_idx] = new_kb, new_vb
+        kb, vb = self._key_buf[layer_idx], self._value_buf[layer_idx]
+        assert kb is not None and vb is not None
+        kb.narrow(-2, p, s).copy_(k_BGSD)
+        vb.narrow(-2, p, s).copy_(v_BGSD)
+        k_all, v_all = kb.narrow(-2, 0, p + s), vb.narrow(-2, 0, p + s)
+        self.keys[layer_idx], self.values[layer_idx] = k_all, v_all
+        self._key_view[layer_idx], self._value_view[layer_idx] = k_all, v_all
+        return k_all, v_all
 
     def select(self, batch_index: Tensor) -> KVCache:
         """A cache keeping only the rows ``batch_index`` (e.g. to drop finished sequences)."""
@@ -254,6 +304,13 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k_BGSD, v_BGSD = kv_cache.update(self.layer_idx, k_BGSD, v_BGSD)
         n_rep = self.num_heads // self.num_kv_heads
+        if s == 1 and n_rep > 1 and not self.training and not torch.compiler.is_compiling():
+            # decode step: SDPA reads each key/value group for its n_rep query heads itself (bit-identical
+            # to repeat_kv on CPU), so the cache is not copied per head every step
+            out_BHSD = F.scaled_dot_product_attention(
+                q_BHSD, k_BGSD, v_BGSD, attn_mask=mask_B1SK, scale=self.head_dim**-0.5, enable_gqa=True
+            )
+            return self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
         k_BHKD, v_BHKD = repeat_kv(k_BGSD, n_rep), repeat_kv(v_BGSD, n_rep)
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD,
@@ -323,7 +380,8 @@ class DecoderBlock(nn.Module):
         router_bias_BSD: Tensor | None = None,
     ) -> tuple[Tensor, object | None]:
         attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSD, sin_BSD, mask_B1SK, kv_cache)
-        h_BSD = x_BSD + self.resid_dropout(attn)
+        drop = self.training and self.resid_dropout.p > 0  # skip the no-op dropout calls in eval
+        h_BSD = x_BSD + (self.resid_dropout(attn) if drop else attn)
         n_BSD = self.post_attention_layernorm(h_BSD)
         decision = None
         if self.is_moe:
@@ -331,4 +389,4 @@ class DecoderBlock(nn.Module):
             y_BSD, decision = self.mlp(n_BSD, token_mask_BS=token_mask_BS, router_input_BSD=router_in)
         else:
             y_BSD = self.mlp(n_BSD)
-        return h_BSD + self.resid_dropout(y_BSD), decision
+        return h_BSD + (self.resid_dropout(y_BSD) if drop else y_BSD), decision
