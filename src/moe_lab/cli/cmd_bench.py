@@ -11,19 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
+from moe_lab.cli.args import int_list
 from moe_lab.cli.main import CLIError
 
 __all__ = ["register", "run"]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -46,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument(
         "--preset", metavar="NAME", help="benchmark a random-init preset instead (tiny, small, ...)"
     )
-    g.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="B,B")
-    g.add_argument("--prompt-lengths", type=_int_list, default=[128], metavar="S,S")
+    g.add_argument("--batch-sizes", type=int_list, default=[1, 8], metavar="B,B")
+    g.add_argument("--prompt-lengths", type=int_list, default=[128], metavar="S,S")
     g.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens to generate (>= 2)")
     g.add_argument(
         "--variants", default="eager,compiled,int8,cached", help="comma-separated: eager,compiled,int8,cached"

@@ -6,17 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from moe_lab.cli.args import int_list
 from moe_lab.cli.main import CLIError
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"capacities must be positive integers, got {text!r}")
-    return values
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("trace", help="trace file written by `moe-lab trace` (.safetensors)")
     p.add_argument(
-        "--capacity", type=_int_list, default=None, help="experts per layer, e.g. 2,4,8 (default: 1..E)"
+        "--capacity", type=int_list, default=None, help="experts per layer, e.g. 2,4,8 (default: 1..E)"
     )
     p.add_argument(
         "--policies", default="lru,lfu,weighted_lru,pin,belady", help="comma-separated policies to compare"
