@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_lab.nn.decode_path import small_batch_method, small_batch_moe
 from moe_lab.nn.dispatch import DISPATCH_IMPLS, dispatch_combine
 from moe_lab.nn.experts import Experts, SharedExperts
 from moe_lab.nn.router import ROUTER_TYPES, RoutingDecision, build_router
@@ -183,7 +184,14 @@ class MoELayer(nn.Module):
                 )
             router_in_TD = router_input_BSD.reshape(-1, self.hidden_size)
         decision = self.router(router_in_TD, token_mask=mask_T)
-        out_TD = dispatch_combine(x_TD, decision, self.experts, impl=self.impl)
+        method = None  # small T in eval (decoding): plain small-batch path, see moe_lab.nn.decode_path
+        if self.impl != "capacity" and type(self.experts) is Experts:
+            k = decision.expert_indices.shape[1]
+            method = small_batch_method(x_TD.shape[0], k, self.num_experts, self.training)
+        if method is not None:
+            out_TD = small_batch_moe(x_TD, decision, self.experts, method)
+        else:
+            out_TD = dispatch_combine(x_TD, decision, self.experts, impl=self.impl)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

@@ -1,0 +1,138 @@
+"""The small-batch (decode) MoE path against the grouped dispatch and the plain per-slot reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _moe_reference import reference_moe
+
+from moe_lab.nn.decode_path import small_batch_method, small_batch_moe
+from moe_lab.nn.dispatch import dispatch_combine
+from moe_lab.nn.experts import Experts
+from moe_lab.nn.moe import MoELayer
+from moe_lab.nn.router import RoutingDecision, SwitchRouter, TopKRouter
+
+
+def _setup(seed: int, t: int, e: int, k: int, activation: str = "swiglu", d: int = 32, f: int = 48):
+    torch.manual_seed(seed)
+    experts = Experts(e, d, f, activation=activation, init_std=0.2)
+    router = TopKRouter(d, e, top_k=k)
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    x_TD = torch.randn(t, d)
+    return experts, router, x_TD
+
+
+def _reference(x_TD: torch.Tensor, decision: RoutingDecision, experts: Experts) -> torch.Tensor:
+    return reference_moe(
+        x_TD,
+        decision.expert_indices,
+        decision.combine_weights,
+        decision.slot_mask,
+        experts.w1_EDF.to(x_TD.dtype),
+        None if experts.w3_EDF is None else experts.w3_EDF.to(x_TD.dtype),
+        experts.w2_EFD.to(x_TD.dtype),
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize(("e", "k"), [(4, 2), (8, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("method", ["dense", "pairs"])
+def test_fp32_matches_dispatch_and_reference(seed: int, t: int, e: int, k: int, method: str) -> None:
+    experts, router, x_TD = _setup(seed, t, e, k)
+    with torch.no_grad():
+        decision = router(x_TD)
+        got = small_batch_moe(x_TD, decision, experts, method)
+        grouped = dispatch_combine(x_TD, decision, experts)
+        ref = _reference(x_TD, decision, experts)
+    assert got.shape == x_TD.shape and got.dtype == x_TD.dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, grouped, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("t", [1, 8])
+@pytest.mark.parametrize("method", ["dense", "pairs"])
+def test_bf16_close_to_fp32_reference(seed: int, t: int, method: str) -> None:
+    experts, router, x_TD = _setup(seed, t, 4, 2)
+    with torch.no_grad():
+        decision = router(x_TD)
+        x16 = x_TD.to(torch.bfloat16)
+        got = small_batch_moe(x16, decision, experts, method)
+        grouped = dispatch_combine(x16, decision, experts)
+        ref = _reference(x_TD, decision, experts)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(got.float(), grouped.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("method", ["dense", "pairs"])
+def test_gelu_experts_padding_and_dropped_slots_contribute_nothing(method: str) -> None:
+    experts, _, x_TD = _setup(3, 8, 4, 1, activation="gelu")
+    router = SwitchRouter(32, 4, capacity_factor=0.5)  # capacity 1 per expert: most slots dropped
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    token_mask = torch.tensor([True, False, True, True, False, True, True, True])
+    with torch.no_grad():
+        decision = router(x_TD, token_mask=token_mask)
+        assert bool((~decision.slot_mask).any())
+        got = small_batch_moe(x_TD, decision, experts, method)
+        ref = _reference(x_TD, decision, experts)
+        grouped = dispatch_combine(x_TD, decision, experts)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, grouped, rtol=0, atol=1e-6)
+    assert torch.equal(got[~token_mask], torch.zeros_like(got[~token_mask]))
+
+
+def test_method_choice() -> None:
+    assert small_batch_method(1, 2, 4, training=False) == "dense"  # few experts: compute them all
+    assert small_batch_method(8, 2, 4, training=False) == "dense"
+    assert small_batch_method(1, 2, 8, training=False) == "pairs"  # one token, many experts
+    assert small_batch_method(8, 2, 8, training=False) is None  # grouped dispatch
+    assert small_batch_method(1, 2, 4, training=True) is None
+    assert small_batch_method(0, 2, 4, training=False) is None
+
+
+def test_bad_arguments() -> None:
+    experts, router, x_TD = _setup(0, 2, 4, 2)
+    decision = router(x_TD)
+    with pytest.raises(ValueError, match="method"):
+        small_batch_moe(x_TD, decision, experts, "nope")
+    with pytest.raises(ValueError, match="2 tokens"):
+        small_batch_moe(x_TD[:1], decision, experts)
+
+
+@pytest.mark.parametrize("e", [4, 8])
+@pytest.mark.parametrize("t", [1, 2, 8])
+def test_moe_layer_eval_equals_grouped_path(e: int, t: int) -> None:
+    torch.manual_seed(e + t)
+    layer = MoELayer(32, 48, e, top_k=2, num_shared_experts=1, init_std=0.2).eval()
+    x_BSD = torch.randn(t, 1, 32)
+    with torch.no_grad():
+        out, decision = layer(x_BSD)
+        x_TD = x_BSD.reshape(-1, 32)
+        grouped = dispatch_combine(x_TD, decision, layer.experts)
+        assert layer.shared_experts is not None
+        want = grouped + layer.shared_experts(x_TD)
+    torch.testing.assert_close(out.reshape(-1, 32), want, rtol=0, atol=1e-6)
+
+
+def test_moe_layer_takes_the_small_batch_path_only_in_eval(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe_lab.nn.moe as moe_module
+
+    calls: list[str] = []
+    real = moe_module.small_batch_moe
+
+    def spy(x_TD, decision, experts, method=None):
+        calls.append(str(method))
+        return real(x_TD, decision, experts, method)
+
+    monkeypatch.setattr(moe_module, "small_batch_moe", spy)
+    layer = MoELayer(32, 48, 4, top_k=2)
+    x = torch.randn(2, 1, 32)
+    layer(x)  # training mode: grouped dispatch
+    assert calls == []
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        MoELayer(32, 48, 4, top_k=2, impl="capacity").eval()(x)  # the capacity layout keeps its own path
+    assert calls == ["dense"]
