@@ -167,13 +167,26 @@ def _token_choice_decision(
 ) -> RoutingDecision:
     """Shared top-k selection, optional renormalisation, capacity and padding handling."""
     t, e = probs_TE.shape
-    valid_T = _valid_mask(token_mask, t, probs_TE.device)
     idx_TK = torch.topk(select_TE, top_k, dim=-1, sorted=True).indices
     weights_TK = probs_TE.gather(1, idx_TK)
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     if scale != 1.0:
         weights_TK = weights_TK * scale
+    if token_mask is None and capacity_factor is None:
+        # dropless without padding (decoding, packed training): every slot is kept; same decision, fewer ops
+        return RoutingDecision(
+            expert_indices=idx_TK,
+            combine_weights=weights_TK,
+            slot_mask=torch.ones_like(idx_TK, dtype=torch.bool),
+            dropped=torch.zeros_like(idx_TK, dtype=torch.bool),
+            router_logits=logits_TE,
+            router_probs=probs_TE,
+            tokens_per_expert=torch.bincount(idx_TK.reshape(-1), minlength=e),
+            capacity=None,
+            token_mask=None,
+        )
+    valid_T = _valid_mask(token_mask, t, probs_TE.device)
     chosen_TK = valid_T[:, None].expand(t, top_k)
     capacity = None
     if capacity_factor is not None:
