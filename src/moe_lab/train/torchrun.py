@@ -35,7 +35,7 @@ def _is_local(host: str) -> bool:
         ip = socket.gethostbyname(host)
     except OSError:
         return False
-    if ip.startswith("127.") or ip == "0.0.0.0":  # noqa: S104 - a comparison, not a bind
+    if ip.startswith("127.") or ip == "0.0.0.0":  # noqa: S104  # nosec B104 - a comparison, not a bind
         return True
     try:
         return ip in socket.gethostbyname_ex(socket.gethostname())[2]
