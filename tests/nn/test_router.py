@@ -14,10 +14,10 @@ from moe_lab.nn.router import (
     SigmoidBiasRouter,
     SwitchRouter,
     TopKRouter,
-    _check,
     build_router,
     capacity_for,
 )
+from moe_lab.nn.routing import _check
 
 D, E = 16, 8
 
