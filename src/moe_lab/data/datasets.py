@@ -121,13 +121,14 @@ def _check_state(kind: str, state: dict[str, Any], expected: dict[str, Any]) -> 
             raise DataError(f"{kind} state has {key}={state[key]!r} but this iterator has {key}={want!r}")
 
 
-class BatchIterator:
-    """Resumable batches over a map-style dataset (normally :class:`PackedDataset`).
+class _ResumableBatches:
+    """Settings and position shared by the batch iterators, and their ``state_dict`` protocol.
 
-    ``epochs=None`` iterates forever (reshuffling every epoch); ``epochs=1, shuffle=False,
-    drop_last=False`` is one ordered pass (evaluation). With ``drop_last=True`` an epoch has
-    ``len(dataset) // (batch_size * world_size)`` batches.
+    Subclasses set ``kind`` and ``state_name`` and give :meth:`_size_key` (what identifies their data).
     """
+
+    kind = ""
+    state_name = "data iterator"
 
     def __init__(
         self,
@@ -150,9 +151,73 @@ class BatchIterator:
         self.epochs = epochs
         self.rank = rank
         self.world_size = world_size
-        self.num_samples = len(dataset)
         self.epoch = 0
         self.index = 0
+
+    def __iter__(self) -> Any:
+        return self
+
+    def _size_key(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            **self._size_key(),
+            "shuffle": self.shuffle,
+        }
+
+    def _on_restore(self) -> None:
+        """Drop any state derived from the old position."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and identity: ``epoch``, ``index`` (batches done in the epoch), ``seed`` and sizes."""
+        return {"epoch": self.epoch, "index": self.index, **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`; the data and settings must match."""
+        _check_state(self.state_name, state, self._identity())
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
+        self._on_restore()
+
+
+class BatchIterator(_ResumableBatches):
+    """Resumable batches over a map-style dataset (normally :class:`PackedDataset`).
+
+    ``epochs=None`` iterates forever (reshuffling every epoch); ``epochs=1, shuffle=False,
+    drop_last=False`` is one ordered pass (evaluation). With ``drop_last=True`` an epoch has
+    ``len(dataset) // (batch_size * world_size)`` batches.
+    """
+
+    kind = "map"
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        epochs: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            epochs=epochs,
+            rank=rank,
+            world_size=world_size,
+        )
+        self.num_samples = len(dataset)
         self._order_epoch = -1
         self._order = np.zeros(0, dtype=np.int64)
         if len(self) == 0:
@@ -165,9 +230,6 @@ class BatchIterator:
         """Batches per epoch."""
         step = self.batch_size * self.world_size
         return self.num_samples // step if self.drop_last else -(-self.num_samples // step)
-
-    def __iter__(self) -> BatchIterator:
-        return self
 
     def _indices(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -198,35 +260,8 @@ class BatchIterator:
             items = [self.dataset[int(i)]["input_ids"] for i in mine]
             return {"input_ids": torch.stack(items)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position and identity: ``epoch``, ``index`` (batches done in the epoch), ``seed`` and sizes."""
-        return {
-            "kind": "map",
-            "epoch": self.epoch,
-            "index": self.index,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
-            "shuffle": self.shuffle,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict`; the data and settings must match."""
-        _check_state(
-            "data iterator",
-            state,
-            {
-                "kind": "map",
-                "seed": self.seed,
-                "batch_size": self.batch_size,
-                "world_size": self.world_size,
-                "num_samples": self.num_samples,
-                "shuffle": self.shuffle,
-            },
-        )
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
+    def _size_key(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples}
 
 
 def make_batch_iterator(

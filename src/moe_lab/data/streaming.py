@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from moe_lab.data.datasets import _check_common, _check_state
+from moe_lab.data.datasets import _ResumableBatches
 from moe_lab.data.errors import DataError
 from moe_lab.data.packing import SequencePacker, check_seq_len, encode_documents, is_validation_document
 from moe_lab.data.tokenizers import Tokenizer
@@ -119,12 +119,15 @@ class StreamingPackedDataset(IterableDataset):
                 yield {"input_ids": torch.from_numpy(seq)}
 
 
-class StreamingBatchIterator:
+class StreamingBatchIterator(_ResumableBatches):
     """Resumable batches over a :class:`StreamingPackedDataset` (position restored by skipping).
 
     A restore re-reads the epoch from its start and skips the sequences already consumed, so resuming
     costs re-tokenizing that part of the epoch but yields exactly the batches an uninterrupted run would.
     """
+
+    kind = "streaming"
+    state_name = "streaming data iterator"
 
     def __init__(
         self,
@@ -138,21 +141,17 @@ class StreamingBatchIterator:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        _check_common(batch_size, rank, world_size, seed)
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.epochs = epochs
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.index = 0
+        super().__init__(
+            dataset,
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            epochs=epochs,
+            rank=rank,
+            world_size=world_size,
+        )
         self._gen: Iterator[dict[str, torch.Tensor]] | None = None
-
-    def __iter__(self) -> StreamingBatchIterator:
-        return self
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         step = self.batch_size * self.world_size
@@ -195,33 +194,8 @@ class StreamingBatchIterator:
             self.index += 1
             return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """``epoch``, ``index`` (batches done in the epoch), ``seed`` and sizes."""
-        return {
-            "kind": "streaming",
-            "epoch": self.epoch,
-            "index": self.index,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "seq_len": self.dataset.seq_len,
-            "shuffle": self.shuffle,
-        }
+    def _size_key(self) -> dict[str, Any]:
+        return {"seq_len": self.dataset.seq_len}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict`."""
-        _check_state(
-            "streaming data iterator",
-            state,
-            {
-                "kind": "streaming",
-                "seed": self.seed,
-                "batch_size": self.batch_size,
-                "world_size": self.world_size,
-                "seq_len": self.dataset.seq_len,
-                "shuffle": self.shuffle,
-            },
-        )
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
+    def _on_restore(self) -> None:
         self._gen = None
