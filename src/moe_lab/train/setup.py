@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -104,3 +105,40 @@ def save_tokenizer(tokenizer: Any, run_dir: RunDir) -> None:
             f"cannot save tokenizer of type {type(tokenizer).__name__} (no save(directory) or name)"
         )
     atomic_write_text(run_dir.tokenizer_name_path, name + "\n")
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The model's config as a plain dict (None for a model without a ``config``)."""
+    cfg: Any = getattr(model, "config", None)
+    return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None
+
+
+def check_seq_len(model: nn.Module, dataset: Any, name: str) -> None:
+    """A clear error when the dataset's sequences are longer than ``model.max_seq_len``."""
+    from moe_lab.train.batches import is_indexable
+
+    max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if not is_indexable(dataset):
+        return
+    item = dataset[0]
+    ids = item["input_ids"] if isinstance(item, dict) else item
+    if max_len is not None and int(ids.shape[-1]) > max_len:
+        raise ValueError(
+            f"{name}: sequences have {int(ids.shape[-1])} tokens but model.max_seq_len is {max_len}; "
+            "use a shorter data.seq_len or a larger model.max_seq_len"
+        )
+
+
+def total_steps(cfg: TrainConfig, iterator: Any) -> int:
+    """``max_steps`` and/or the steps of ``num_epochs`` (whichever is smaller; neither = one epoch)."""
+    if not hasattr(iterator, "batches_per_epoch"):  # streaming: the length is unknown
+        if cfg.max_steps is None:
+            raise ValueError("streaming data (data.streaming: true) needs train.max_steps")
+        return int(cfg.max_steps)
+    per_epoch = iterator.batches_per_epoch / cfg.grad_accum_steps
+    steps = []
+    if cfg.max_steps is not None:
+        steps.append(cfg.max_steps)
+    if cfg.num_epochs is not None or cfg.max_steps is None:
+        steps.append(max(1, math.ceil((cfg.num_epochs or 1.0) * per_epoch)))
+    return min(steps)

@@ -41,7 +41,7 @@ from moe_lab.parallel import (
     is_distributed_checkpoint,
 )
 from moe_lab.train import distributed as mdist
-from moe_lab.train.batches import as_dataset, is_indexable, make_train_iterator
+from moe_lab.train.batches import as_dataset, make_train_iterator
 from moe_lab.train.callbacks import (
     Callback,
     CheckpointCallback,
@@ -56,10 +56,13 @@ from moe_lab.train.results import EvalResult, TrainingResult
 from moe_lab.train.rundir import RunDir
 from moe_lab.train.setup import (
     apply_model_overrides,
+    check_seq_len,
     merge_train_kwargs,
+    model_config_dict,
     resolve_device,
     save_tokenizer,
     seed_everything,
+    total_steps,
 )
 from moe_lab.train.state import TrainState
 from moe_lab.train.step import evaluate_lm_loss, train_step
@@ -146,38 +149,6 @@ class MoETrainer:
         return self.ctx.is_main
 
     # ---- setup -------------------------------------------------------------------------------------
-    def _model_config_dict(self) -> dict[str, Any] | None:
-        cfg: Any = getattr(self.model, "config", None)
-        return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None
-
-    def _check_seq_len(self, dataset: Any, name: str) -> None:
-        max_len = getattr(getattr(self.model, "config", None), "max_seq_len", None)
-        if not is_indexable(dataset):
-            return
-        item = dataset[0]
-        ids = item["input_ids"] if isinstance(item, dict) else item
-        if max_len is not None and int(ids.shape[-1]) > max_len:
-            raise ValueError(
-                f"{name}: sequences have {int(ids.shape[-1])} tokens but model.max_seq_len is {max_len}; "
-                "use a shorter data.seq_len or a larger model.max_seq_len"
-            )
-
-    def _compute_total_steps(self) -> int:
-        """``max_steps`` and/or the steps of ``num_epochs`` (whichever is smaller; neither = one epoch)."""
-        cfg = self.config
-        assert self._iter is not None
-        if not hasattr(self._iter, "batches_per_epoch"):  # streaming: the length is unknown
-            if cfg.max_steps is None:
-                raise ValueError("streaming data (data.streaming: true) needs train.max_steps")
-            return cfg.max_steps
-        per_epoch = self._iter.batches_per_epoch / cfg.grad_accum_steps
-        steps = []
-        if cfg.max_steps is not None:
-            steps.append(cfg.max_steps)
-        if cfg.num_epochs is not None or cfg.max_steps is None:
-            steps.append(max(1, math.ceil((cfg.num_epochs or 1.0) * per_epoch)))
-        return min(steps)
-
     def _open_run_dir(self) -> None:
         cfg = self.config
         if self.run_dir is None:
@@ -201,7 +172,7 @@ class MoETrainer:
             self.run_config.to_yaml(rd.config_path)
         elif not rd.config_path.exists():
             text = yaml.safe_dump(
-                {"model": self._model_config_dict(), "train": cfg.to_dict()}, sort_keys=False
+                {"model": model_config_dict(self.model), "train": cfg.to_dict()}, sort_keys=False
             )
             atomic_write_text(rd.config_path, text)
         if self.tokenizer is not None and not (rd.tokenizer_path.exists() or rd.tokenizer_name_path.exists()):
@@ -228,7 +199,7 @@ class MoETrainer:
                 ckpt,
                 model=self.model,
                 cfg=self.config,
-                model_config=self._model_config_dict(),
+                model_config=model_config_dict(self.model),
                 device=self.device,
                 optimizer_factory=self.optimizer_factory,
             )
@@ -238,7 +209,7 @@ class MoETrainer:
 
     def _resume(self, ckpt: Path, preloaded: Any = None) -> None:
         assert self.optimizer is not None and self._iter is not None
-        mcfg = self._model_config_dict()
+        mcfg = model_config_dict(self.model)
         # the peak rates of the current config win over the checkpoint's (a resume may change them)
         peaks = [g["base_lr"] for g in self.optimizer.param_groups]
         if preloaded is not None:
@@ -285,7 +256,7 @@ class MoETrainer:
             mdist.check_batch_size(cfg.batch_size, self.ctx.world_size)
         train_ds = as_dataset(train_data, name="train_data")
         eval_ds = as_dataset(eval_data, name="eval_data") if eval_data is not None else None
-        self._check_seq_len(train_ds, "train_data")
+        check_seq_len(self.model, train_ds, "train_data")
         apply_model_overrides(self.model, cfg)
         self.model.to(self.device)
         ckpt = latest_checkpoint(resume_from) if resume_from is not None else None
@@ -296,7 +267,7 @@ class MoETrainer:
         self._fwd = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
         self.optimizer = self._build_optimizer()  # after parallelisation, over the unwrapped model
         self._iter = make_train_iterator(train_ds, cfg.batch_size, seed=cfg.seed)
-        self.total_steps = self._compute_total_steps()
+        self.total_steps = total_steps(self.config, self._iter)
         self.resumed_from = None
         if ckpt is not None:
             self._resume(ckpt, preloaded)
@@ -394,7 +365,7 @@ class MoETrainer:
         meta = {
             "train_state": self.state.to_dict(),
             "data_state": self._iter.state_dict() if self._iter is not None else {},
-            "model_config": self._model_config_dict(),
+            "model_config": model_config_dict(self.model),
             "train_config": self.config.to_dict(),
             "total_steps": self.total_steps,
         }
