@@ -31,13 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from moe_lab.config import atomic_write_text
 from moe_lab.parallel import (
     ParallelConfig,
-    export_consolidated,
     is_distributed_checkpoint,
 )
 from moe_lab.train import distributed as mdist
@@ -49,9 +46,10 @@ from moe_lab.train.callbacks import (
     default_callbacks,
     resolve_callbacks,
 )
-from moe_lab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from moe_lab.train.checkpoint import latest_checkpoint
 from moe_lab.train.config import TrainConfig
 from moe_lab.train.optim import build_optimizer
+from moe_lab.train.persist import open_run_dir, restore_checkpoint, save_model_dir, save_trainer_checkpoint
 from moe_lab.train.results import EvalResult, TrainingResult
 from moe_lab.train.rundir import RunDir
 from moe_lab.train.setup import (
@@ -142,6 +140,7 @@ class MoETrainer:
         self._wrapped: nn.Module | None = None  # the DDP / FSDP2 model of a distributed run
         self._fwd: nn.Module = self.model
         self._iter: Any = None
+        self.resumed_from: Path | None = None
 
     @property
     def is_main_process(self) -> bool:
@@ -150,33 +149,7 @@ class MoETrainer:
 
     # ---- setup -------------------------------------------------------------------------------------
     def _open_run_dir(self) -> None:
-        cfg = self.config
-        if self.run_dir is None:
-            target = (
-                self._run_dir_arg
-                or cfg.run_dir
-                or (os.path.join(cfg.runs_dir, cfg.name) if cfg.name else None)
-            )
-            if target is None:
-                return
-            if not self.is_main_process:
-                self.run_dir = RunDir(target)
-                return
-            self.run_dir = RunDir.create(target, overwrite=self.overwrite)
-        if not self.is_main_process:
-            return
-        rd = self.run_dir
-        rd.path.mkdir(parents=True, exist_ok=True)
-        rd.checkpoints_dir.mkdir(exist_ok=True)
-        if self.run_config is not None:
-            self.run_config.to_yaml(rd.config_path)
-        elif not rd.config_path.exists():
-            text = yaml.safe_dump(
-                {"model": model_config_dict(self.model), "train": cfg.to_dict()}, sort_keys=False
-            )
-            atomic_write_text(rd.config_path, text)
-        if self.tokenizer is not None and not (rd.tokenizer_path.exists() or rd.tokenizer_name_path.exists()):
-            save_tokenizer(self.tokenizer, rd)
+        open_run_dir(self)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """The run's optimizer over ``self.model`` (never the wrapper: state is keyed by parameter name)."""
@@ -208,27 +181,7 @@ class MoETrainer:
         return preloaded
 
     def _resume(self, ckpt: Path, preloaded: Any = None) -> None:
-        assert self.optimizer is not None and self._iter is not None
-        mcfg = model_config_dict(self.model)
-        # the peak rates of the current config win over the checkpoint's (a resume may change them)
-        peaks = [g["base_lr"] for g in self.optimizer.param_groups]
-        if preloaded is not None:
-            loaded, named_optim = preloaded
-            if named_optim is not None:
-                mdist.load_named_optimizer_state(self.model, self.optimizer, named_optim)
-        else:  # a single-file checkpoint in one process, or a DCP one anywhere
-            loaded = load_checkpoint(
-                ckpt, model=self.model, optimizer=self.optimizer, model_config=mcfg, map_location=self.device
-            )
-        for group, peak in zip(self.optimizer.param_groups, peaks, strict=True):
-            group["base_lr"] = peak
-        meta = loaded.trainer_state
-        self.state = TrainState.from_dict(meta.get("train_state", {}))
-        if "data_state" in meta:
-            self._iter.load_state_dict(meta["data_state"])
-        if self.run_dir is None:
-            self.run_dir = RunDir(self._run_dir_arg or ckpt.parent.parent)
-        self.resumed_from: Path | None = ckpt
+        restore_checkpoint(self, ckpt, preloaded)
 
     # ---- public API --------------------------------------------------------------------------------
     def train(
@@ -340,49 +293,11 @@ class MoETrainer:
 
     def save_model(self, path: str | os.PathLike[str]) -> Path:
         """Save the model (``save_pretrained`` format) and the tokenizer into the folder ``path``."""
-        p = Path(path)
-        if self.ctx.distributed:  # collective: gather the full model, rank 0 writes it
-            export_consolidated(p, self.model)
-            if self.tokenizer is not None and self.is_main_process:
-                save_tokenizer(self.tokenizer, RunDir(p))
-            return p
-        p.mkdir(parents=True, exist_ok=True)
-        save_pretrained = getattr(self.model, "save_pretrained", None)
-        if callable(save_pretrained):
-            save_pretrained(str(p))
-        else:
-            from safetensors.torch import save_model
-
-            save_model(self.model, str(p / "model.safetensors"))
-        if self.tokenizer is not None:
-            save_tokenizer(self.tokenizer, RunDir(p))
-        return p
+        return save_model_dir(self, path)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` (atomic), keep the last K, call ``on_checkpoint``."""
-        if self.run_dir is None:
-            raise ValueError("no run directory: pass run_dir= to MoETrainer to write checkpoints")
-        meta = {
-            "train_state": self.state.to_dict(),
-            "data_state": self._iter.state_dict() if self._iter is not None else {},
-            "model_config": model_config_dict(self.model),
-            "train_config": self.config.to_dict(),
-            "total_steps": self.total_steps,
-        }
-        save = mdist.save_dcp_checkpoint if self.ctx.distributed else save_checkpoint
-        extra = {"ctx": self.ctx} if self.ctx.distributed else {}
-        path = save(
-            self.run_dir.checkpoints_dir,
-            self.state.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            trainer_state=meta,
-            **extra,
-        )
-        if self.is_main_process:
-            prune_checkpoints(self.run_dir.checkpoints_dir, self.config.keep_last_checkpoints)
-        self._emit("on_checkpoint", self, self.state.step, path)
-        return path
+        return save_trainer_checkpoint(self)
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike[str], **kwargs: Any) -> TrainingResult:
