@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from moe_lab.inference.cache_policies import (
+    POLICIES,
     BeladyPolicy,
+    LFUAdmitPolicy,
     LFUPolicy,
     LRUPolicy,
     PinPolicy,
@@ -36,6 +38,51 @@ def test_lfu_keeps_frequent():
     p = LFUPolicy(2)
     _hits(p, [1, 1, 1, 2, 3])
     assert p.resident == {1, 3}
+
+
+def test_lfu_admit_hand_sequence():
+    # capacity 2: 1 and 2 fill the cache; 3 (count 1) does not beat the LFU victim 2 (count 1) -> bypass;
+    # 3 again (count 2) beats 2 (count 1) -> admitted; 2 (count 2) ties the victim 1 (count 2, least
+    # recent) -> bypass; 1 hits.
+    p = LFUAdmitPolicy(2)
+    assert _hits(p, [1, 1, 2, 3, 3, 2, 1]) == [False, True, False, False, False, False, True]
+    assert p.resident == {1, 3}
+    assert p.evict_candidate() == 3  # count 2 vs 3 for expert 1
+    assert make_policy("lfu_admit", 3).name == "lfu_admit"
+
+
+def _lfu_admit_reference(keys, capacity):
+    """Slow restatement: counts so far; a miss with a full cache replaces the victim (lowest count, then
+    least recent) only if the new key's count, this request included, is strictly higher."""
+    hits, resident = [], []
+    for t, k in enumerate(keys):
+        seen = keys[: t + 1]
+        count = {x: seen.count(x) for x in set(seen)}
+        last = {x: max(i for i in range(t + 1) if keys[i] == x) for x in set(seen)}
+        hits.append(k in resident)
+        if k in resident:
+            continue
+        if len(resident) < capacity:
+            resident.append(k)
+            continue
+        victim = sorted(resident, key=lambda x: (count[x], last[x]))[0]
+        if count[k] > count[victim]:
+            resident[resident.index(victim)] = k
+    return hits, set(resident)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lfu_admit_matches_reference_and_belady_bounds_it(seed):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.arange(1, 9, dtype=torch.float).pow(-1.2)
+    keys = torch.multinomial(probs, 120, replacement=True, generator=g).tolist()
+    for cap in (1, 2, 3, 5):
+        p = LFUAdmitPolicy(cap)
+        hits = _hits(p, keys)
+        ref_hits, ref_resident = _lfu_admit_reference(keys, cap)
+        assert hits == ref_hits
+        assert p.resident == ref_resident
+        assert sum(_hits(BeladyPolicy(cap, next_use_positions(keys)), keys)) >= sum(hits)
 
 
 def test_weighted_lru_prefers_heavy_weights():
@@ -110,7 +157,7 @@ def test_belady_bounds_every_policy(seed, scope):
 
 def test_full_capacity_only_compulsory_misses():
     trace = _random_trace(0, experts=6)
-    for policy in ("lru", "lfu", "weighted_lru", "belady", "pin"):
+    for policy in POLICIES:
         r = simulate(trace, policy, 6)
         distinct = sum(int((f > 0).sum()) for f in trace.expert_frequencies())
         assert r.misses == distinct, policy

@@ -13,7 +13,8 @@ from moe_lab.cli.main import CLIError
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "cache-sim",
-        help="replay a routing trace through expert-cache policies (LRU, LFU, weighted LRU, pin, Belady)",
+        help="replay a routing trace through expert-cache policies (LRU, LFU, LFU+admission, weighted LRU, "
+        "pin, Belady)",
         description="Replay a routing trace (from `moe-lab trace`) and compare eviction policies.",
     )
     p.add_argument("trace", help="trace file written by `moe-lab trace` (.safetensors)")
@@ -21,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--capacity", type=int_list, default=None, help="experts per layer, e.g. 2,4,8 (default: 1..E)"
     )
     p.add_argument(
-        "--policies", default="lru,lfu,weighted_lru,pin,belady", help="comma-separated policies to compare"
+        "--policies",
+        default=None,
+        help="comma-separated policies to compare: lru, lfu, lfu_admit, weighted_lru, pin, belady "
+        "(default: all)",
     )
     p.add_argument("--scope", choices=["per_layer", "global", "both"], default="both")
     p.add_argument(
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_lab.inference.trace import load_trace
 
     trace = load_trace(args.trace)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = [p.strip() for p in (args.policies or ",".join(POLICIES)).split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise CLIError(f"unknown policy {unknown[0]!r}; expected some of {', '.join(POLICIES)}")

@@ -10,6 +10,11 @@ of at most ``capacity`` entries. The protocol, called once per request in reques
 Policies:
     ``lru``           evict the least recently used expert.
     ``lfu``           evict the least frequently used expert (counts since the start; ties -> least recent).
+    ``lfu_admit``     LFU with a TinyLFU-style admission rule: on a miss with a full cache, the new expert
+                      is kept only if its count (this request included) beats the LFU victim's; otherwise
+                      it is used for its request and not kept (bypass, as Belady may do). Rare experts no
+                      longer churn the one slot that plain LFU recycles, and the cache converges on the
+                      most used experts of the stream seen so far.
     ``weighted_lru``  evict the expert with the smallest exponentially decayed sum of router weights
                       (recency x frequency x how much the router relied on it; ``decay`` per request step).
     ``pin``           keep a fixed set of the most frequent experts of a usage profile; others are loaded
@@ -34,6 +39,7 @@ __all__ = [
     "POLICIES",
     "BeladyPolicy",
     "CachePolicy",
+    "LFUAdmitPolicy",
     "LFUPolicy",
     "LRUPolicy",
     "PinPolicy",
@@ -124,6 +130,33 @@ class LFUPolicy(CachePolicy):
 
     def evict_candidate(self) -> Key | None:
         return self._victim() if len(self._resident) >= self.capacity else None
+
+
+class LFUAdmitPolicy(LFUPolicy):
+    """LFU with frequency-based admission: a missed expert replaces the LFU victim only if used more often.
+
+    Example:
+        >>> p = LFUAdmitPolicy(1)
+        >>> [p.access(k, t) for t, k in enumerate([1, 2, 2, 1])]  # 2 is admitted on its 2nd use only
+        [False, False, False, False]
+        >>> p.resident
+        {2}
+    """
+
+    name = "lfu_admit"
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        self._freq[key] = self._freq.get(key, 0) + 1
+        self._last[key] = t
+        if key in self._resident:
+            return True
+        if len(self._resident) >= self.capacity:
+            victim = self._victim()
+            if self._freq[key] <= self._freq[victim]:
+                return False  # bypass: not used more often than the victim
+            self._resident.discard(victim)
+        self._resident.add(key)
+        return False
 
 
 class WeightedLRUPolicy(CachePolicy):
@@ -244,7 +277,7 @@ def next_use_positions(keys: Sequence[Key]) -> list[float]:
     return nxt
 
 
-POLICIES = ("lru", "lfu", "weighted_lru", "pin", "belady")
+POLICIES = ("lru", "lfu", "lfu_admit", "weighted_lru", "pin", "belady")
 
 
 def make_policy(
@@ -260,6 +293,8 @@ def make_policy(
         return LRUPolicy(capacity)
     if name == "lfu":
         return LFUPolicy(capacity)
+    if name == "lfu_admit":
+        return LFUAdmitPolicy(capacity)
     if name == "weighted_lru":
         return WeightedLRUPolicy(capacity, decay=decay)
     if name == "pin":

@@ -168,7 +168,9 @@ class ExpertCache:
     Args:
         store: the slow tier.
         capacity: experts per layer (``scope="per_layer"``) or per layer on average (``"global"``).
-        policy: ``"lru"``, ``"lfu"``, ``"weighted_lru"`` or ``"pin"`` (online policies).
+        policy: ``"lru"``, ``"lfu"``, ``"lfu_admit"``, ``"weighted_lru"`` or ``"pin"`` (online policies;
+            a policy that bypasses a missed expert, as ``lfu_admit`` and ``pin`` do, serves it for the
+            request without keeping it resident).
         scope: ``"per_layer"`` or ``"global"``.
         device: compute device (default: CPU).
         profile: ``[L, E]`` usage counts for ``pin`` (e.g. from a calibration trace).
