@@ -5,15 +5,20 @@ sides: moe-lab through :func:`moe_lab.interop.load_pretrained` + :func:`moe_lab.
 through ``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model`` (``target_modules`` for attention,
 ``target_parameters`` for the stacked experts). Both adapt q/k/v/o and the expert gate/up/down weights with
 rank r (dropout 0, as peft requires for expert parameters), train with AdamW on the same batches, and compute
-the LM loss only (moe-lab's aux/z losses off; ``output_router_logits=False`` on the peer).
+the LM loss only (moe-lab's aux/z losses off; ``output_router_logits=False`` on the peer). peft puts one
+adapter on Mixtral's fused ``gate_up_proj`` (A shared by gate and up), so moe-lab runs with
+``fused_gate_up=True``: the same adapters, the same trainable parameter count (checked).
 
 Before timing, the two are checked to give the same loss at step 0. Timing alternates (A B A B ...) in one
-process; tokens/s is the median over rounds. Peak memory is the rise of the process's peak RSS (VmHWM,
-reset through ``/proc/self/clear_refs``) over one measured step each, with glibc's mmap threshold pinned so
-freed tensors go back to the OS between contenders. On CUDA, ``torch.cuda.max_memory_allocated`` is used.
+process, with glibc's default allocator settings; tokens/s is the median over rounds. Peak memory on CPU is
+measured for each contender alone in a fresh child process: the rise of the process's peak RSS (VmHWM, reset
+through ``/proc/self/clear_refs``) over one step after a warm-up step, with glibc's mmap threshold pinned so
+freed tensors go back to the OS (``--pin-mmap`` pins it for the timing too, which makes every large allocation
+page-fault afresh and slows both sides). On CUDA, ``torch.cuda.max_memory_allocated`` is used.
 
 Run:
-    python benchmarks/finetune.py [--quick] [--device cpu|cuda] [--no-append]
+    python benchmarks/finetune.py [--quick] [--device cpu|cuda] [--threads N] [--rounds R] [--steps S]
+        [--pin-mmap] [--no-append]
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import argparse
 import ctypes
 import datetime as _dt
 import gc
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,14 +46,23 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks via mmap, returned to the OS on free
-        return libc
+        return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
 
 
 LIBC = _libc()
+
+
+def pin_mmap_threshold() -> None:
+    """Serve every block over 64 KiB by mmap, so freed tensors go back to the OS (glibc; no-op elsewhere).
+
+    Needed to see a step's peak in the process RSS; it also makes every large allocation page-fault afresh,
+    which slows allocation-heavy code, so the timing runs with glibc's default (dynamic) threshold unless
+    ``--pin-mmap`` asks otherwise.
+    """
+    if LIBC is not None:
+        LIBC.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
 
 
 def _status_kb(field: str) -> int:
@@ -57,7 +73,7 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float:
     """Peak memory added by one call of ``step`` (MB)."""
     gc.collect()
     if device.type == "cuda":
@@ -76,12 +92,9 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
     return (_status_kb("VmHWM") - base) / 1024
 
 
-def build(args: argparse.Namespace, folder: Path, device: torch.device):  # type: ignore[no-untyped-def]
+def save_model(args: argparse.Namespace, folder: Path) -> None:
+    """A random Mixtral-format checkpoint of the benchmark's shape, written to ``folder``."""
     import transformers
-    from peft import LoraConfig, get_peft_model
-
-    from moe_lab.finetune import LoRAConfig, apply_lora
-    from moe_lab.interop import load_pretrained
 
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(
@@ -96,12 +109,26 @@ def build(args: argparse.Namespace, folder: Path, device: torch.device):  # type
         max_position_embeddings=max(512, args.seq),
     )
     transformers.MixtralForCausalLM(cfg).save_pretrained(folder)
-    del cfg
 
-    ours = load_pretrained(folder, aux_loss_coef=0.0, z_loss_coef=0.0).to(device)
-    apply_lora(ours, LoRAConfig(rank=args.rank, alpha=2 * args.rank, target_modules=["attention", "experts"]))
-    peer = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-    peer = get_peft_model(
+
+def build(args: argparse.Namespace, folder: Path, device: torch.device, kind: str) -> torch.nn.Module:
+    """One contender (``"moe-lab"`` or ``"peer"``) loaded from ``folder`` with its LoRA adapters."""
+    if kind == "moe-lab":
+        from moe_lab.finetune import LoRAConfig, apply_lora
+        from moe_lab.interop import load_pretrained
+
+        ours = load_pretrained(folder, aux_loss_coef=0.0, z_loss_coef=0.0).to(device)
+        # fused_gate_up: one adapter on gate and up together, like peft's on the fused gate_up_proj
+        cfg = LoRAConfig(
+            rank=args.rank, alpha=2 * args.rank, target_modules=["attention", "experts"], fused_gate_up=True
+        )
+        apply_lora(ours, cfg)
+        return ours
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    peer = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)  # type: ignore[arg-type]
+    return get_peft_model(  # type: ignore[no-any-return]
         peer,
         LoraConfig(
             r=args.rank,
@@ -111,7 +138,6 @@ def build(args: argparse.Namespace, folder: Path, device: torch.device):  # type
             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
         ),
     )
-    return ours, peer
 
 
 def make_step(
@@ -125,7 +151,7 @@ def make_step(
     def step() -> float:
         ids = batches[it["i"] % len(batches)]
         it["i"] += 1
-        out = model(input_ids=ids, labels=ids) if kind == "peer" else model(ids, labels=ids)
+        out = model(ids, labels=ids) if kind == "moe-lab" else model(input_ids=ids, labels=ids)
         loss = out.loss
         loss.backward()
         opt.step()
@@ -141,8 +167,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=2, help="steps per contender per round")
+    ap.add_argument("--pin-mmap", action="store_true", help="time with glibc's mmap threshold pinned too")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--memory-child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     shape = dict(vocab=4096, hidden=256, ffn=512, layers=4, heads=8, experts=8, batch=8, seq=256, rank=8)
     if args.quick:
         shape.update(vocab=512, hidden=64, ffn=128, layers=2, heads=4, experts=4, batch=4, seq=64, rank=4)
@@ -152,8 +183,36 @@ def main() -> int:
     device = torch.device(args.device)
     torch.manual_seed(1)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), device=device) for _ in range(4)]
+    if args.memory_child:
+        kind, folder = args.memory_child
+        pin_mmap_threshold()
+        fn, _ = make_step(build(args, Path(folder), device, kind), batches, kind)
+        fn()  # warm-up
+        print(json.dumps({"peak_mb": peak_memory_mb(fn, device)}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        ours, peer = build(args, Path(tmp) / "mixtral", device)
+        folder = Path(tmp) / "mixtral"
+        save_model(args, folder)
+        ours, peer = build(args, folder, device, "moe-lab"), build(args, folder, device, "peer")
+        result = run(args, batches, device, ours, peer, folder)
+    return result
+
+
+def child_memory_mb(kind: str, folder: Path) -> float:
+    """Peak memory of one step of ``kind``, measured alone in a fresh process (CPU)."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--no-append", "--memory-child", kind, str(folder)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+
+
+def run(
+    args: argparse.Namespace,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    ours: torch.nn.Module,
+    peer: torch.nn.Module,
+    folder: Path,
+) -> int:
     with torch.no_grad():
         a = float(ours(batches[0], labels=batches[0]).loss)
         b = float(peer(input_ids=batches[0], labels=batches[0]).loss)
@@ -162,11 +221,15 @@ def main() -> int:
         return 1
     steps = {}
     counts = {}
-    steps["moe-lab"], counts["moe-lab"] = make_step(ours, batches, "ours")
+    steps["moe-lab"], counts["moe-lab"] = make_step(ours, batches, "moe-lab")
     steps["transformers+peft"], counts["transformers+peft"] = make_step(peer, batches, "peer")
+    if counts["moe-lab"] != counts["transformers+peft"]:
+        print(f"trainable parameters differ: {counts}", file=sys.stderr)
+        return 1
+    if args.pin_mmap:
+        pin_mmap_threshold()
     for fn in steps.values():  # warm-up
         fn()
-    memory = {name: peak_memory_mb(fn, device) for name, fn in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
@@ -180,6 +243,10 @@ def main() -> int:
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) / args.steps)
             cpu[name].append((time.process_time() - c0) / args.steps)
+    if device.type == "cuda":
+        memory = {name: peak_memory_mb(fn, device) for name, fn in steps.items()}
+    else:  # each alone in a fresh process with the mmap threshold pinned (see the module docstring)
+        memory = {name: child_memory_mb(k, folder) for name, k in zip(steps, ("moe-lab", "peer"))}
     tokens = args.batch * args.seq
     rows = []
     for name in steps:

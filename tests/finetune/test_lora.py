@@ -30,18 +30,24 @@ def _reference_model(base: MoEModel, lora) -> MoEModel:
                 target.weight += mod.scale * (mod.lora_B @ mod.lora_A)
                 continue
             assert isinstance(target, Experts)
-            for name in mod.lora_A:
-                w = getattr(target, "w2_EFD" if name == "w2" else f"{name}_EDF")
-                for e in range(w.shape[0]):
-                    a = mod.lora_A[name][e] if mod.expert_wise else mod.lora_A[name]
-                    b = mod.lora_B[name][e] if mod.expert_wise else mod.lora_B[name]
-                    w[e] += mod.scale * (a @ b)
+            for key in mod.lora_A:
+                members = ["w1", "w3"] if key == "w13" else [key]  # w13: B's columns are w1's, then w3's
+                col = 0
+                for name in members:
+                    w = getattr(target, "w2_EFD" if name == "w2" else f"{name}_EDF")
+                    cols = slice(col, col + w.shape[2])
+                    col += w.shape[2]
+                    for e in range(w.shape[0]):
+                        a = mod.lora_A[key][e] if mod.expert_wise else mod.lora_A[key]
+                        b = mod.lora_B[key][e] if mod.expert_wise else mod.lora_B[key]
+                        w[e] += mod.scale * (a @ b[:, cols])
     return ref
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("expert_wise", [True, False])
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm", "capacity"])
-def test_lora_equals_merged_weight_reference(tiny_model, expert_wise: bool, impl: str) -> None:
+def test_lora_equals_merged_weight_reference(tiny_model, expert_wise: bool, impl: str, fused: bool) -> None:
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch without _grouped_mm")
     extra = {"capacity_factor": 8.0, "eval_capacity_factor": 8.0} if impl == "capacity" else {}
@@ -53,6 +59,7 @@ def test_lora_equals_merged_weight_reference(tiny_model, expert_wise: bool, impl
         alpha=8,
         target_modules=["attention", "experts", "shared_experts"],
         expert_wise_adaptation=expert_wise,
+        fused_gate_up=fused,
     )
     lora = apply_lora(model, cfg)
     _randomise_adapters(lora)
@@ -64,9 +71,12 @@ def test_lora_equals_merged_weight_reference(tiny_model, expert_wise: bool, impl
     for d1, d2 in zip(got.routing, want.routing):
         assert torch.equal(d1.expert_indices, d2.expert_indices)
     shapes = {k: tuple(v.shape) for k, v in lora.adapter_state_dict().items()}
-    a1 = shapes["layers.0.mlp.experts.lora_A.w1"]
+    a1 = shapes["layers.0.mlp.experts.lora_A.w13" if fused else "layers.0.mlp.experts.lora_A.w1"]
     assert a1 == ((4, 32, 4) if expert_wise else (32, 4))
     assert shapes["layers.0.mlp.experts.lora_B.w2"] == ((4, 4, 32) if expert_wise else (4, 32))
+    if fused:
+        assert "layers.0.mlp.experts.lora_A.w3" not in shapes
+        assert shapes["layers.0.mlp.experts.lora_B.w13"] == ((4, 4, 64) if expert_wise else (4, 64))
 
 
 def test_odd_rank_and_gradients(tiny_model) -> None:
@@ -81,11 +91,12 @@ def test_odd_rank_and_gradients(tiny_model) -> None:
     assert all(float(p.grad.abs().sum()) > 0 for n, p in tiny_model.named_parameters() if n in trainable)
 
 
-def test_fresh_adapter_is_a_no_op_and_merge(tiny_model) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_fresh_adapter_is_a_no_op_and_merge(tiny_model, fused: bool) -> None:
     tiny_model.eval()
     ids = torch.randint(0, 96, (2, 9))
     before = tiny_model(ids).logits
-    lora = apply_lora(tiny_model, LoRAConfig(rank=4, dropout=0.1))
+    lora = apply_lora(tiny_model, LoRAConfig(rank=4, dropout=0.1, fused_gate_up=fused))
     assert torch.equal(tiny_model(ids).logits, before)  # B starts at zero
     _randomise_adapters(lora, seed=3)
     unmerged = tiny_model(ids).logits
@@ -108,10 +119,12 @@ def test_dropout_only_in_training(tiny_model) -> None:
     assert not torch.allclose(tiny_model(ids).logits, a)
 
 
-def test_save_and_load_adapter(tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_save_and_load_adapter(tiny_model, tmp_path: Path, fused: bool) -> None:
     base_state = copy.deepcopy(tiny_model.state_dict())
     lora = apply_lora(
-        tiny_model, LoRAConfig(rank=4, target_modules=["attention", "experts"], train_routers=True)
+        tiny_model,
+        LoRAConfig(rank=4, target_modules=["attention", "experts"], train_routers=True, fused_gate_up=fused),
     )
     assert tiny_model.layers[0].mlp.router.gate.weight.requires_grad
     _randomise_adapters(lora, seed=5)

@@ -7,8 +7,12 @@ Expert adapters work on the activations, like the attention ones (no ``[E, D, F]
 the forward pass): for a stacked weight ``w_EXY`` the rows of expert ``e`` compute
 ``x @ w[e] + scale * (dropout(x) @ A[e]) @ B[e]`` with ``A_EXr``/``B_ErY`` per expert
 (``expert_wise_adaptation=True``) or a single ``A_Xr``/``B_rY`` shared by all experts. ``scale = alpha / r``;
-``B`` starts at zero, so a fresh adapter leaves the model's outputs unchanged. :meth:`MoELoRA.merge` folds
-``scale * A @ B`` into the base weights and removes the wrappers (the tests check merged == unmerged).
+``B`` starts at zero, so a fresh adapter leaves the model's outputs unchanged. With ``fused_gate_up`` the gate
+and up weights share one adapter (``A_EDr``, ``B_Er(2F)``), as peft adapts Mixtral's fused ``gate_up_proj``.
+Base product and update run as one autograd node (:func:`moe_lab.finetune.lora_layers.lora_matmul`): the
+scale is applied on the ``[N, r]`` activation, the update is added in place, frozen base weights get no
+gradient. :meth:`MoELoRA.merge` folds ``scale * A @ B`` into the base weights and removes the wrappers (the
+tests check merged == unmerged).
 
 Example:
     >>> from moe_lab.models import MoEModel
@@ -22,19 +26,18 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moe_lab.config import Config, atomic_write_text
-from moe_lab.nn.experts import Experts, grouped_matmul, has_grouped_mm
+from moe_lab.finetune.lora_layers import LoRAExperts, LoRALinear
+from moe_lab.nn.experts import Experts
 
 __all__ = [
     "LoRAConfig",
@@ -73,6 +76,9 @@ class LoRAConfig(Config):
     """Which stacked expert weights get adapters (w1 gate, w3 up, w2 down)."""
     expert_wise_adaptation: bool = True
     """True: separate A/B per expert ([E, X, r], [E, r, Y]); False: one A/B shared by every expert."""
+    fused_gate_up: bool = False
+    """One adapter on the gate and up weights together (``[w1 | w3]``, A shared, B ``[r, 2F]`` per expert),
+    as peft adapts Mixtral's fused ``gate_up_proj``; False: separate adapters on w1 and w3."""
     train_routers: bool = False
     """Also train the router gates (full weights, not LoRA) while the base model is frozen."""
 
@@ -85,142 +91,6 @@ class LoRAConfig(Config):
         if not value:
             raise ValueError("needs at least one target")
         return value
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + scale * B(A(dropout(x)))`` around an ``nn.Linear`` (A: [r, in], B: [out, r])."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.base_layer = base
-        self.scale = alpha / rank
-        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return self.base_layer(x) + F.linear(F.linear(self.dropout(x), a), b) * self.scale
-
-    def delta(self) -> Tensor:
-        """The merged update ``scale * B @ A`` (shape of the base weight)."""
-        return (self.lora_B @ self.lora_A) * self.scale
-
-    def merged(self) -> nn.Linear:
-        with torch.no_grad():
-            self.base_layer.weight += self.delta().to(self.base_layer.weight.dtype)
-        return self.base_layer
-
-
-class LoRAExperts(nn.Module):
-    """Stacked :class:`~moe_lab.nn.experts.Experts` with adapters on ``w1_EDF``/``w3_EDF``/``w2_EFD``.
-
-    Same call signature as the wrapped experts (``forward(x_ND, counts, impl)``, ``forward_capacity``);
-    other attributes (``num_experts``, ``w1_EDF``, ...) are read from the base.
-    """
-
-    def __init__(
-        self, base: Experts, rank: int, alpha: float, dropout: float, expert_wise: bool, weights: list[str]
-    ) -> None:
-        super().__init__()
-        self.base_layer = base
-        self.scale = alpha / rank
-        self.expert_wise = expert_wise
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        for name in weights:
-            w = getattr(base, f"{name}_EFD" if name == "w2" else f"{name}_EDF", None)
-            if w is None:
-                continue  # GELU experts have no w3
-            e, x_dim, y_dim = w.shape
-            lead = (e,) if expert_wise else ()
-            a = w.new_empty(*lead, x_dim, rank)
-            for i in range(e if expert_wise else 1):  # kaiming-uniform per expert, like nn.Linear's init
-                nn.init.kaiming_uniform_((a[i] if expert_wise else a).T, a=math.sqrt(5))
-            self.lora_A[name] = nn.Parameter(a)
-            self.lora_B[name] = nn.Parameter(w.new_zeros(*lead, rank, y_dim))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base_layer"], name)
-
-    def _lora(self, name: str, x_ND: Tensor, counts: list[int], offs: Tensor | None, impl: str) -> Tensor:
-        a, b = self.lora_A[name].to(x_ND.dtype), self.lora_B[name].to(x_ND.dtype)
-        xd = self.dropout(x_ND)
-        if not self.expert_wise:
-            return (xd @ a) @ b * self.scale
-        rank = a.shape[-1]
-        # grouped_mm needs 16-byte aligned strides; fall back to the loop for odd ranks.
-        small = impl if (rank * x_ND.element_size()) % 16 == 0 else "loop"
-        h = grouped_matmul(xd, a, counts, offs if small == "grouped_mm" else None, small)
-        return grouped_matmul(h, b, counts, offs if small == "grouped_mm" else None, small) * self.scale
-
-    def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
-        base = self.base_layer
-        if impl == "auto":
-            impl = "grouped_mm" if has_grouped_mm() else "loop"
-        if len(counts) != base.num_experts or sum(counts) != x_ND.shape[0]:
-            raise ValueError(f"counts must have {base.num_experts} entries summing to {x_ND.shape[0]}")
-        offs = None
-        if impl == "grouped_mm":
-            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_ND.device)
-
-        def proj(name: str, w: Tensor, x: Tensor) -> Tensor:
-            y = grouped_matmul(x, w.to(x.dtype), counts, offs, impl)
-            return y + self._lora(name, x, counts, offs, impl) if name in self.lora_A else y
-
-        h1 = proj("w1", base.w1_EDF, x_ND)
-        h3 = proj("w3", base.w3_EDF, x_ND) if base.w3_EDF is not None else None
-        return proj("w2", base.w2_EFD, base._hidden(h1, h3))
-
-    def forward_capacity(self, x_ECD: Tensor) -> Tensor:
-        base = self.base_layer
-
-        def proj(name: str, w: Tensor, x: Tensor) -> Tensor:
-            y = torch.bmm(x, w.to(x.dtype))
-            if name not in self.lora_A:
-                return y
-            a, b = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
-            xd = self.dropout(x)
-            return y + (torch.bmm(torch.bmm(xd, a), b) if self.expert_wise else (xd @ a) @ b) * self.scale
-
-        h1 = proj("w1", base.w1_EDF, x_ECD)
-        h3 = proj("w3", base.w3_EDF, x_ECD) if base.w3_EDF is not None else None
-        return proj("w2", base.w2_EFD, base._hidden(h1, h3))
-
-    def delta(self, name: str) -> Tensor:
-        """The merged update of one stacked weight, ``[E, X, Y]``."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        d = torch.bmm(a, b) if self.expert_wise else (a @ b)[None]
-        return d * self.scale
-
-    def merged(self) -> Experts:
-        base = self.base_layer
-        with torch.no_grad():
-            for name in self.lora_A:
-                w = getattr(base, f"{name}_EFD" if name == "w2" else f"{name}_EDF")
-                w += self.delta(name).to(w.dtype)
-        return base
 
 
 def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -341,6 +211,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, *, freeze_bas
                 config.dropout,
                 config.expert_wise_adaptation,
                 list(config.expert_weights),
+                config.fused_gate_up,
             )
         else:
             assert isinstance(base, nn.Linear)
