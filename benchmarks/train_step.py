@@ -4,7 +4,7 @@
 Throughput: both models live in one process and are timed in alternating rounds of full training steps
 (forward + backward + AdamW step), so machine noise hits both alike. Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` per model; on CPU each model trains in its own child process and we
-report the peak RSS growth during training (``ru_maxrss`` minus the RSS before the first step).
+report the peak RSS growth during training (peak RSS, ``VmHWM``, minus the RSS before the first step).
 
 Run:
     python benchmarks/train_step.py                         # small preset, batch 8 x 256, CPU/CUDA auto
@@ -121,6 +121,20 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS: ``VmHWM`` (reset by exec). ``ru_maxrss`` is not used where VmHWM exists: on
+    Linux it keeps the high-water mark of the forking parent across exec, so a child started from a big
+    benchmark process would report the parent's RSS instead of its own."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_child(args: argparse.Namespace, impl: str, device: torch.device) -> dict[str, float]:
     """Peak memory of training one model (runs in a child process on CPU)."""
     import transformers  # noqa: F401  (same imports in both children)
@@ -139,7 +153,7 @@ def memory_child(args: argparse.Namespace, impl: str, device: torch.device) -> d
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss_bytes()
     return {"peak_mib": (peak - base) / 2**20, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_lab.nn.experts import Experts
+from moe_lab.nn.experts import Experts, _empty_large
 from moe_lab.nn.router import RoutingDecision
 
 __all__ = [
@@ -54,6 +54,22 @@ class DispatchPlan:
     counts: list[int]
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[token]`` (rows sorted by expert) into an :func:`_empty_large` buffer; backward ``index_add``."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: Tensor, token_N: Tensor) -> Tensor:
+        ctx.save_for_backward(token_N)
+        ctx.num_tokens = x_TD.shape[0]
+        out_ND = _empty_large((token_N.shape[0], x_TD.shape[1]), x_TD)
+        return torch.index_select(x_TD, 0, token_N, out=out_ND)
+
+    @staticmethod
+    def backward(ctx: Any, g_ND: Tensor) -> tuple[Tensor, None]:
+        (token_N,) = ctx.saved_tensors
+        return g_ND.new_zeros(ctx.num_tokens, g_ND.shape[1]).index_add_(0, token_N, g_ND), None
+
+
 class _WeightedScatterAdd(torch.autograd.Function):
     """``out[token[n]] += w[n] * y[n]``; the backward reuses one ``[N, D]`` buffer for both gradients."""
 
@@ -61,12 +77,13 @@ class _WeightedScatterAdd(torch.autograd.Function):
     def forward(ctx: Any, y_ND: Tensor, w_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
         ctx.save_for_backward(y_ND, w_N, token_N)
         out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
-        return out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
+        yw_ND = torch.mul(y_ND, w_N[:, None], out=_empty_large(tuple(y_ND.shape), y_ND))
+        return out_TD.index_add_(0, token_N, yw_ND)
 
     @staticmethod
     def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y_ND, w_N, token_N = ctx.saved_tensors
-        g_ND = g_TD.index_select(0, token_N)
+        g_ND = torch.index_select(g_TD, 0, token_N, out=_empty_large(tuple(y_ND.shape), g_TD))
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.bmm(g_ND.unsqueeze(1), y_ND.unsqueeze(2)).view(-1)
@@ -113,7 +130,7 @@ def moe_dropless(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl
     plan = plan_dispatch(decision, experts.num_experts)
     if plan.token_idx_N.numel() == 0:
         return torch.zeros_like(x_TD)
-    x_ND = x_TD.index_select(0, plan.token_idx_N)
+    x_ND = _GatherRows.apply(x_TD, plan.token_idx_N)
     y_ND = experts(x_ND, plan.counts, impl=impl)
     return _WeightedScatterAdd.apply(y_ND, plan.weights_N.to(y_ND.dtype), plan.token_idx_N, x_TD.shape[0])
 

@@ -40,6 +40,7 @@ def has_grouped_mm() -> bool:
 
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
+_LARGE_BYTES = 8 * _HUGE_PAGE  # buffers from 16 MiB on get huge pages (see _empty_large)
 _madvise: Any = None
 
 
@@ -73,7 +74,7 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if (
         out.device.type == "cpu"
         and sys.platform.startswith("linux")
-        and out.numel() * out.element_size() >= (8 * _HUGE_PAGE)
+        and out.numel() * out.element_size() >= _LARGE_BYTES
     ):
         _advise_huge_pages(out)
     return out
@@ -90,6 +91,39 @@ def _weight_grad(x_NX: Tensor, g_NY: Tensor, counts: list[int], shape: tuple[int
     return grad_EXY
 
 
+def _gmm(x_NX: Tensor, w_EXY: Tensor, counts: list[int], offs_E: Tensor) -> Tensor:
+    """``torch._grouped_mm``; on CPU the same per-block matmuls written into one :func:`_empty_large` buffer
+    (the CPU kernel loops over the blocks too, but its fresh output is page-faulted 4 KiB at a time)."""
+    nbytes = x_NX.shape[0] * w_EXY.shape[2] * x_NX.element_size()
+    if x_NX.device.type != "cpu" or nbytes < _LARGE_BYTES:  # small outputs: no page-fault cost to avoid
+        return torch._grouped_mm(x_NX, w_EXY, offs=offs_E)
+    out_NY = _empty_large((x_NX.shape[0], w_EXY.shape[2]), x_NX)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(x_NX[start : start + n], w_EXY[e], out=out_NY[start : start + n])
+            start += n
+    return out_NY
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(h1) * h3``, saving only its inputs (autograd would also keep ``silu(h1)``), with its output
+    and gradients in :func:`_empty_large` buffers."""
+
+    @staticmethod
+    def forward(ctx: Any, h1: Tensor, h3: Tensor) -> Tensor:
+        ctx.save_for_backward(h1, h3)
+        out = _empty_large(tuple(h1.shape), h1)
+        return torch.ops.aten.silu.out(h1, out=out).mul_(h3)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:
+        h1, h3 = ctx.saved_tensors
+        g_h3 = torch.ops.aten.silu.out(h1, out=_empty_large(tuple(h1.shape), h1)).mul_(g)
+        g_h1 = torch.mul(g, h3, out=_empty_large(tuple(h1.shape), h1))
+        return torch.ops.aten.silu_backward.grad_input(g_h1, h1, grad_input=g_h1), g_h3
+
+
 class _GroupedMM(torch.autograd.Function):
     """``torch._grouped_mm`` with our backward: the weight gradient goes straight into one buffer."""
 
@@ -98,7 +132,7 @@ class _GroupedMM(torch.autograd.Function):
         ctx.save_for_backward(x_NX, w_EXY)
         ctx.counts = counts
         ctx.offs = offs_E
-        return torch._grouped_mm(x_NX, w_EXY, offs=offs_E)
+        return _gmm(x_NX, w_EXY, counts, offs_E)
 
     @staticmethod
     def backward(ctx: Any, g_NY: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
@@ -106,7 +140,7 @@ class _GroupedMM(torch.autograd.Function):
         g_NY = g_NY.contiguous()  # zero-stride gradients (from .sum()) are rejected by _grouped_mm
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(g_NY, w_EXY.transpose(1, 2), offs=ctx.offs)
+            grad_x = _gmm(g_NY, w_EXY.transpose(1, 2), ctx.counts, ctx.offs)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(x_NX, g_NY, ctx.counts, tuple(w_EXY.shape))
         return grad_x, grad_w, None, None
@@ -239,7 +273,17 @@ class Experts(nn.Module):
         nn.init.normal_(self.w2_EFD, std=self.output_init_std)
 
     def _hidden(self, h1: Tensor, h3: Tensor | None) -> Tensor:
-        h = F.silu(h1) * h3 if h3 is not None else F.gelu(h1)
+        if h3 is None:
+            h = F.gelu(h1)
+        elif (
+            torch.is_grad_enabled()
+            and (h1.requires_grad or h3.requires_grad)
+            and h1.shape == h3.shape
+            and h1.dtype == h3.dtype
+        ):  # training: fewer saved tensors, huge-page buffers
+            h = _SwiGLU.apply(h1, h3)
+        else:
+            h = F.silu(h1) * h3
         if self.training and self.expert_dropout > 0:
             h = F.dropout(h, self.expert_dropout, training=True)
         return h

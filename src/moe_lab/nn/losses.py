@@ -1,16 +1,157 @@
-"""Router losses: pure, differentiable functions of a :class:`RoutingDecision`.
+"""Losses: the router losses (pure, differentiable functions of a :class:`RoutingDecision`) and the fused
+output-projection + cross-entropy of the language-model head.
 
-Shape legend: T tokens, K slots per token, E experts. The caller multiplies by the coefficient.
+Shape legend: T tokens, K slots per token, E experts, N rows, D model dim, V vocabulary. The caller
+multiplies the router losses by their coefficients.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lab.nn.experts import _empty_large
 from moe_lab.nn.router import RoutingDecision
 
-__all__ = ["expert_choice_fractions", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "expert_choice_fractions",
+    "linear_cross_entropy",
+    "lm_head_cross_entropy",
+    "load_balancing_loss",
+    "next_token_targets",
+    "router_z_loss",
+]
+
+_CE_CHUNK_BYTES = 4 << 20  # rows per chunk: a [rows, V] float32 temporary of about this size
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``logits = h @ w.T`` and ``sum_n CE(logits[n], target[n])`` in one node (see linear_cross_entropy)."""
+
+    @staticmethod
+    def forward(ctx: Any, h_ND: Tensor, w_VD: Tensor, target_N: Tensor) -> tuple[Tensor, Tensor]:
+        n, v = h_ND.shape[0], w_VD.shape[0]
+        plain = (
+            h_ND.device.type == "cpu"
+            and h_ND.dtype == w_VD.dtype
+            and not torch.is_autocast_enabled(h_ND.device.type)
+        )
+        if plain:  # one fresh buffer (huge pages on Linux) instead of the allocator's 4 KiB page faults
+            logits_NV = torch.mm(h_ND, w_VD.t(), out=_empty_large((n, v), h_ND))
+        else:
+            logits_NV = torch.mm(h_ND, w_VD.t())
+        valid_N = target_N != -100
+        safe_N = torch.where(valid_N, target_N, torch.zeros_like(target_N))
+        cdt = torch.promote_types(logits_NV.dtype, torch.float32)  # loss dtype: float32 at least
+        lse_N = torch.empty(n, dtype=cdt, device=h_ND.device)
+        rows = max(1, _CE_CHUNK_BYTES // (4 * v))
+        for i in range(0, n, rows):
+            torch.logsumexp(logits_NV[i : i + rows].to(cdt), -1, out=lse_N[i : i + rows])
+        picked_N = logits_NV.gather(1, safe_N[:, None]).squeeze(1).to(cdt)
+        total = ((lse_N - picked_N) * valid_N).sum()
+        ctx.save_for_backward(h_ND, w_VD, logits_NV, lse_N, safe_N, valid_N)
+        ctx.set_materialize_grads(False)  # unused logits: no [N, V] zero gradient
+        return logits_NV, total
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_logits: Tensor | None, g_total: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
+        h_ND, w_VD, logits_NV, lse_N, safe_N, valid_N = ctx.saved_tensors
+        n, v = logits_NV.shape
+        gl_NV = _empty_large((n, v), lse_N)  # the loss dtype
+        scale_N = valid_N.to(lse_N.dtype) * (g_total if g_total is not None else lse_N.new_zeros(()))
+        rows = max(1, _CE_CHUNK_BYTES // (4 * v))
+        for i in range(0, n, rows):
+            gc = gl_NV[i : i + rows]  # softmax * scale, minus scale at the target
+            torch.sub(logits_NV[i : i + rows].to(lse_N.dtype), lse_N[i : i + rows, None], out=gc)
+            gc.exp_().mul_(scale_N[i : i + rows, None])
+            gc.scatter_add_(1, safe_N[i : i + rows, None], -scale_N[i : i + rows, None])
+            if g_logits is not None:
+                gc.add_(g_logits[i : i + rows])
+        gl = gl_NV.to(logits_NV.dtype)
+        grad_h = torch.mm(gl, w_VD.to(gl.dtype)) if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(gl.t(), h_ND.to(gl.dtype)) if ctx.needs_input_grad[1] else None
+        return (
+            None if grad_h is None else grad_h.to(h_ND.dtype),
+            None if grad_w is None else grad_w.to(w_VD.dtype),
+            None,
+        )
+
+
+def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, target_N: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, loss_sum)``: ``logits = h @ weight.T`` and the summed cross-entropy of ``target``.
+
+    Same values as ``F.linear`` + ``F.cross_entropy(logits.float(), target, ignore_index=-100,
+    reduction="sum")``, in one autograd node: the log-probabilities are never stored (the backward
+    recomputes the softmax in chunks from the logits and a ``[N]`` log-sum-exp), so training saves two
+    ``[N, V]`` buffers and their passes. The logits stay differentiable (a gradient reaching them is added).
+
+    Example:
+        >>> h, w = torch.randn(6, 8), torch.randn(32, 8)
+        >>> target = torch.tensor([1, 2, 3, -100, 5, 6])
+        >>> logits, total = linear_cross_entropy(h, w, target)
+        >>> ref = torch.nn.functional.cross_entropy(h @ w.T, target, reduction="sum")
+        >>> logits.shape, bool(torch.allclose(total, ref))
+        (torch.Size([6, 32]), True)
+    """
+    logits, total = _LinearCrossEntropy.apply(h_ND, weight_VD, target_N)
+    return logits, total
+
+
+def next_token_targets(labels_BS: Tensor, token_mask_BS: Tensor | None = None) -> Tensor:
+    """Targets aligned with the logits, ``target[:, i] = labels[:, i + 1]``; -100 = ignored.
+
+    The last position has no target; a target counts only when it and the token predicting it are real
+    (``token_mask`` True).
+
+    Example:
+        >>> next_token_targets(torch.tensor([[5, 6, 7]])).tolist()
+        [[6, 7, -100]]
+    """
+    target_BS = torch.full_like(labels_BS, -100)
+    target_BS[:, :-1] = labels_BS[:, 1:]
+    if token_mask_BS is not None:
+        keep_BS = torch.zeros_like(token_mask_BS, dtype=torch.bool)
+        keep_BS[:, :-1] = token_mask_BS[:, 1:].bool() & token_mask_BS[:, :-1].bool()
+        target_BS = target_BS.masked_fill(~keep_BS, -100)
+    return target_BS
+
+
+def lm_head_cross_entropy(
+    head: nn.Module, h_BSD: Tensor, target_BS: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """``(logits, summed cross-entropy or None)`` of an output projection ``head`` over ``h_BSD``.
+
+    A plain bias-free ``nn.Linear`` without forward hooks goes through :func:`linear_cross_entropy`; any
+    other head (LoRA-wrapped, hooked) is called as usual and followed by ``F.cross_entropy``.
+
+    Example:
+        >>> head = nn.Linear(8, 32, bias=False)
+        >>> logits, total = lm_head_cross_entropy(head, torch.randn(2, 3, 8), torch.tensor([[1, 2, -100]] * 2))
+        >>> logits.shape, total.shape
+        (torch.Size([2, 3, 32]), torch.Size([]))
+    """
+    if target_BS is None:
+        return head(h_BSD), None
+    if (
+        type(head) is nn.Linear
+        and head.bias is None
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+    ):
+        logits_NV, total = linear_cross_entropy(
+            h_BSD.reshape(-1, h_BSD.shape[-1]), head.weight, target_BS.reshape(-1)
+        )
+        return logits_NV.view(*h_BSD.shape[:-1], -1), total
+    logits = head(h_BSD)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), target_BS.reshape(-1), reduction="sum"
+    )
+    return logits, total
 
 
 def _valid(decision: RoutingDecision) -> Tensor:
