@@ -160,3 +160,85 @@ def test_generate_stop_rows_are_padded_and_masked() -> None:
         torch.equal(row0_pad, torch.zeros_like(row0_pad)) and int(out.attention_mask[0, 3 + n :].sum()) == 0
     )
     assert out.sequences.is_contiguous() and out.sequences.shape == out.attention_mask.shape
+
+
+def test_kv_cache_with_capacity_allocates_once_and_equals_concatenation() -> None:
+    torch.manual_seed(5)
+    cache = KVCache(1, capacity=10)
+    ks, vs = [], []
+    for s in (4, 1, 1, 1, 3, 2):  # 12 positions: the last update outgrows the capacity
+        k, v = torch.randn(2, 3, s, 4), torch.randn(2, 3, s, 4)
+        ks.append(k)
+        vs.append(v)
+        with torch.no_grad():
+            got_k, got_v = cache.update(0, k, v)
+        assert torch.equal(got_k, torch.cat(ks, dim=-2)) and torch.equal(got_v, torch.cat(vs, dim=-2))
+        buf = cache._key_buf[0]
+        assert buf is not None and got_k.data_ptr() == buf.data_ptr()  # a view of the buffer, no copy
+        if sum(x.shape[-2] for x in ks) <= 10:
+            assert buf.shape[-2] == 10  # allocated at the capacity on the first update, never regrown
+            first_buf = buf
+    assert cache._key_buf[0] is not first_buf and cache.get_seq_length() == 12
+    kept = cache.select(torch.tensor([0]))
+    assert kept.capacity == 10 and torch.equal(kept.keys[0], cache.keys[0][:1])
+    with pytest.raises(ValueError, match="capacity"):
+        KVCache(1, capacity=-1)
+
+
+@pytest.mark.parametrize("qk_norm", ["none", "full", "per_head"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_decode_step_equals_the_full_forward(qk_norm: str, kv_heads: int) -> None:
+    torch.manual_seed(6)
+    attn = Attention(32, num_heads=4, num_kv_heads=kv_heads, qk_norm=qk_norm).eval()
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 8, 32)
+    cos, sin = rope(torch.arange(8)[None].expand(2, 8), x.dtype)
+    with torch.no_grad():
+        full = attn(x, cos, sin)
+        for capacity in (None, 8):
+            cache = KVCache(1, capacity=capacity)
+            outs = [attn(x[:, :5], cos[:, :5], sin[:, :5], None, cache)]
+            for i in range(5, 8):  # one new position at a time: the decode branch
+                outs.append(attn(x[:, i : i + 1], cos[:, i : i + 1], sin[:, i : i + 1], None, cache))
+            torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-6)
+
+
+def test_generate_without_padding_matches_recomputation() -> None:
+    model = _model(seed=11, num_experts=8)  # 8 experts, top-2: batch 5 decodes through the "grouped" path
+    prompts = [[i, i + 1, i + 2, i + 3] for i in range(1, 40, 8)]  # equal lengths: no attention mask at all
+    fast = generate(model, prompts, max_new_tokens=6)
+    slow = generate(model, prompts, max_new_tokens=6, use_cache=False)
+    assert fast.new_tokens == slow.new_tokens and torch.equal(fast.sequences, slow.sequences)
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat((ids, model(ids).logits[:, -1].argmax(-1)[:, None]), dim=1)
+    assert fast.new_tokens == ids[:, 4:].tolist()
+    assert bool(fast.attention_mask.all()) and fast.finish_reason == ["length"] * 5
+
+
+def test_fused_qkv_cache_follows_weight_changes_and_grad_mode() -> None:
+    torch.manual_seed(7)
+    attn = Attention(32, num_heads=4, num_kv_heads=2, qkv_bias=True).eval()
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 6, 32)
+    cos, sin = rope(torch.arange(6)[None].expand(2, 6), x.dtype)
+
+    def decode_last() -> torch.Tensor:
+        cache = KVCache(1)
+        attn(x[:, :5], cos[:, :5], sin[:, :5], None, cache)
+        return attn(x[:, 5:], cos[:, 5:], sin[:, 5:], None, cache)
+
+    with torch.no_grad():
+        before = decode_last()
+        torch.testing.assert_close(before, attn(x, cos, sin)[:, 5:], rtol=0, atol=1e-6)
+        attn.k_proj.weight.mul_(2.0)  # in place: the cached concatenation must be rebuilt
+        attn.v_proj.bias.add_(1.0)
+        after = decode_last()
+        torch.testing.assert_close(after, attn(x, cos, sin)[:, 5:], rtol=0, atol=1e-6)
+    assert not torch.allclose(before, after)
+    with_grad = decode_last()  # grad mode: separate projections, gradients reach every weight
+    with_grad.sum().backward()
+    assert all(p.grad is not None for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias))
+    torch.testing.assert_close(with_grad.detach(), after, rtol=0, atol=1e-6)
+    assert not any("qkv" in name for name in attn.state_dict())  # the fused copy is never saved

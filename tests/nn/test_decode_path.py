@@ -37,7 +37,7 @@ def _reference(x_TD: torch.Tensor, decision: RoutingDecision, experts: Experts) 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("t", [1, 8])
 @pytest.mark.parametrize(("e", "k"), [(4, 2), (8, 2), (8, 1), (6, 3)])
-@pytest.mark.parametrize("method", ["dense", "pairs"])
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped"])
 def test_fp32_matches_dispatch_and_reference(seed: int, t: int, e: int, k: int, method: str) -> None:
     experts, router, x_TD = _setup(seed, t, e, k)
     with torch.no_grad():
@@ -52,7 +52,7 @@ def test_fp32_matches_dispatch_and_reference(seed: int, t: int, e: int, k: int, 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("t", [1, 8])
-@pytest.mark.parametrize("method", ["dense", "pairs"])
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped"])
 def test_bf16_close_to_fp32_reference(seed: int, t: int, method: str) -> None:
     experts, router, x_TD = _setup(seed, t, 4, 2)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_bf16_close_to_fp32_reference(seed: int, t: int, method: str) -> None:
     torch.testing.assert_close(got.float(), grouped.float(), rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("method", ["dense", "pairs"])
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped"])
 def test_gelu_experts_padding_and_dropped_slots_contribute_nothing(method: str) -> None:
     experts, _, x_TD = _setup(3, 8, 4, 1, activation="gelu")
     router = SwitchRouter(32, 4, capacity_factor=0.5)  # capacity 1 per expert: most slots dropped
@@ -87,9 +87,37 @@ def test_method_choice() -> None:
     assert small_batch_method(1, 2, 4, training=False) == "dense"  # few experts: compute them all
     assert small_batch_method(8, 2, 4, training=False) == "dense"
     assert small_batch_method(1, 2, 8, training=False) == "pairs"  # one token, many experts
-    assert small_batch_method(8, 2, 8, training=False) is None  # grouped dispatch
+    assert small_batch_method(8, 2, 8, training=False) == "grouped"  # decode batch, many experts
+    assert small_batch_method(32, 2, 8, training=False) == "grouped"
+    assert small_batch_method(33, 2, 8, training=False) is None  # grouped dispatch
     assert small_batch_method(1, 2, 4, training=True) is None
     assert small_batch_method(0, 2, 4, training=False) is None
+
+
+@pytest.mark.parametrize("t", [8, 20])
+def test_grouped_is_bit_identical_to_the_dispatch(t: int) -> None:
+    """Same slot order and matmul blocks as the grouped dispatch: exactly the same numbers."""
+    experts, router, x_TD = _setup(4, t, 8, 2, d=64, f=96)  # 16-byte rows: the torch._grouped_mm branch
+    with torch.no_grad():
+        decision = router(x_TD)
+        assert torch.equal(
+            small_batch_moe(x_TD, decision, experts), dispatch_combine(x_TD, decision, experts)
+        )
+        odd = Experts(8, 30, 50, init_std=0.2)  # rows not 16-byte multiples: the per-expert loop branch
+        x30 = x_TD[:, :30].contiguous()
+        d30 = TopKRouter(30, 8, top_k=2)(x30)
+        torch.testing.assert_close(
+            small_batch_moe(x30, d30, odd, "grouped"), _reference(x30, d30, odd), rtol=0, atol=1e-6
+        )
+
+
+def test_grouped_with_every_slot_dropped_is_zero() -> None:
+    experts, _, x_TD = _setup(5, 4, 8, 1)
+    router = SwitchRouter(32, 8, capacity_factor=0.5)
+    with torch.no_grad():
+        decision = router(x_TD, token_mask=torch.zeros(4, dtype=torch.bool))
+        got = small_batch_moe(x_TD, decision, experts, "grouped")
+    assert torch.equal(got, torch.zeros_like(x_TD))
 
 
 def test_bad_arguments() -> None:
@@ -122,9 +150,9 @@ def test_moe_layer_takes_the_small_batch_path_only_in_eval(monkeypatch: pytest.M
     calls: list[str] = []
     real = moe_module.small_batch_moe
 
-    def spy(x_TD, decision, experts, method=None):
+    def spy(x_TD, decision, experts, method=None, impl="auto"):
         calls.append(str(method))
-        return real(x_TD, decision, experts, method)
+        return real(x_TD, decision, experts, method, impl)
 
     monkeypatch.setattr(moe_module, "small_batch_moe", spy)
     layer = MoELayer(32, 48, 4, top_k=2)
@@ -136,3 +164,19 @@ def test_moe_layer_takes_the_small_batch_path_only_in_eval(monkeypatch: pytest.M
         layer(x)
         MoELayer(32, 48, 4, top_k=2, impl="capacity").eval()(x)  # the capacity layout keeps its own path
     assert calls == ["dense"]
+
+
+def test_grouped_method_with_loop_impl_uses_plain_matmuls() -> None:
+    """impl='loop' layers keep plain per-expert matmuls on the small-batch path too (FLOP counters see them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    experts, router = Experts(8, 16, 32), TopKRouter(16, 8, top_k=2)
+    x_TD = torch.randn(12, 16)
+    decision = router(x_TD)
+    with torch.no_grad():
+        fast = small_batch_moe(x_TD, decision, experts, "grouped")
+        with FlopCounterMode(display=False) as counter:
+            loop = small_batch_moe(x_TD, decision, experts, "grouped", impl="loop")
+    torch.testing.assert_close(loop, fast)
+    assert counter.get_total_flops() == 2 * 24 * 3 * 16 * 32  # 24 slots x 3 matmuls of [1, 16] x [16, 32]

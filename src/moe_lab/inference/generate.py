@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 from moe_lab.config import Config
+from moe_lab.nn.kv_cache import KVCache
 from moe_lab.nn.router import RoutingDecision
 
 if TYPE_CHECKING:
@@ -214,32 +215,35 @@ def generate(
     ids_buf[:, :s], mask_buf[:, :s] = ids, mask
     width = s
     any_done = False
+    # no padding anywhere (the usual case): the model needs no mask (positions 0.., plain causal
+    # attention), which spares building one per step; a row that stops early brings the mask back
+    padded = not bool(mask.all())
+    # per-row stop checks need each step's tokens on the host; without stop conditions they are read once
+    check_stops = bool(stop_ids or cfg.stop_strings)
     was_training = model.training
     model.eval()
     try:
-        cache, step_ids = None, ids
+        # the KV cache is allocated once at its final length: decode steps write in place, never concatenate
+        cache = KVCache(int(model.config.num_layers), capacity=s + steps) if cfg.use_cache else None
+        step_ids = ids
         for _ in range(steps):
-            if cfg.use_cache:
+            step_mask = mask_buf[:, :width] if padded or any_done else None
+            if cache is not None:
                 out = model(
                     step_ids,
-                    attention_mask=mask_buf[:, :width],
+                    attention_mask=step_mask,
                     kv_cache=cache,
                     use_cache=True,
                     task_ids=task_ids,
                     logits_to_keep=1,
                 )
-                cache = out.kv_cache
             else:
-                out = model(
-                    ids_buf[:, :width],
-                    attention_mask=mask_buf[:, :width],
-                    task_ids=task_ids,
-                    logits_to_keep=1,
-                )
+                out = model(ids_buf[:, :width], attention_mask=step_mask, task_ids=task_ids, logits_to_keep=1)
             if routing is not None:
                 routing.append([d.detach() for d in out.routing])
+            logits_BV = out.logits[:, -1, :]
             next_B = sample_next_token(
-                out.logits[:, -1, :].float(),
+                logits_BV if logits_BV.dtype == torch.float32 else logits_BV.float(),
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,
@@ -253,6 +257,8 @@ def generate(
             ids_buf[:, width] = next_B
             width += 1
             step_ids = ids_buf[:, width - 1 : width]
+            if not check_stops:
+                continue
             for i, tok in enumerate(next_B.tolist()):
                 if reasons[i] is not None:
                     continue
@@ -270,6 +276,8 @@ def generate(
     finally:
         model.train(was_training)
     ids, mask = ids_buf[:, :width].contiguous(), mask_buf[:, :width].contiguous()
+    if not check_stops:  # nothing stopped early: every row's new tokens are the generated columns
+        new_tokens = ids[:, s:].tolist()
     finish = [r or "length" for r in reasons]
     return GenerationOutput(
         sequences=ids, new_tokens=new_tokens, finish_reason=finish, attention_mask=mask, routing=routing

@@ -21,12 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_lab.models.config import ModelConfig
 from moe_lab.models.io import load_model_dir, save_model_dir
+from moe_lab.nn.losses import (
+    lm_head_cross_entropy,
+    load_balancing_loss,
+    next_token_targets,
+    router_z_loss,
+)
 from moe_lab.nn.moe import MoELayer
 from moe_lab.nn.router import RoutingDecision
 from moe_lab.nn.transformer import (
@@ -345,15 +350,17 @@ class MoEModel(nn.Module):
                 routing.append(decision)
         if logits_to_keep and logits_to_keep < s:
             h_BSD = h_BSD[:, -logits_to_keep:]
-        logits = self.lm_head(self.norm(h_BSD))
+        target_BS = None if labels is None else next_token_targets(labels.to(device), token_mask_BS)
+        logits, lm_total = lm_head_cross_entropy(self.lm_head, self.norm(h_BSD), target_BS)
 
         if self.training or labels is not None:
             aux, z = self._router_losses(routing, logits)
         else:  # eval without labels: nothing consumes the router losses, skip their cost
             aux = z = logits.new_zeros((), dtype=torch.float32)
         out = MoEOutput(logits=logits, aux_loss=aux, z_loss=z, routing=routing, kv_cache=kv_cache)
-        if labels is not None:
-            out.lm_loss = self._lm_loss(logits, labels, token_mask_BS)
+        if target_BS is not None and lm_total is not None:
+            # mean over non-ignored targets; 0 (not NaN) when every target is ignored, without a host sync
+            out.lm_loss = lm_total / (target_BS != -100).sum().clamp(min=1)
             out.loss = out.lm_loss + aux + z
         return out
 
@@ -364,8 +371,8 @@ class MoEModel(nn.Module):
         One query at position ``past`` may see every key: its mask row is the key padding mask with its own
         key forced on, and None (attend to all) when nothing is padded.
         """
-        if s == 1 and past > 0 and mask_BK is not None:
-            if bool(mask_BK[:, :-1].all()):
+        if s == 1 and past > 0:
+            if mask_BK is None or bool(mask_BK[:, :-1].all()):
                 return None
             keep_BK = mask_BK.to(device=device, dtype=torch.bool, copy=True)
             keep_BK[:, -1] = True
@@ -373,8 +380,6 @@ class MoEModel(nn.Module):
         return build_attention_mask(mask_BK, s, past, device)
 
     def _router_losses(self, routing: list[RoutingDecision], like: Tensor) -> tuple[Tensor, Tensor]:
-        from moe_lab.nn.losses import load_balancing_loss, router_z_loss
-
         cfg = self.config
         zero = like.new_zeros((), dtype=torch.float32)
         aux, z = zero, zero
@@ -383,14 +388,3 @@ class MoEModel(nn.Module):
         if cfg.z_loss_coef > 0 and routing:
             z = cfg.z_loss_coef * sum((router_z_loss(d) for d in routing), zero)
         return aux, z
-
-    @staticmethod
-    def _lm_loss(logits_BSV: Tensor, labels_BS: Tensor, token_mask_BS: Tensor | None) -> Tensor:
-        target_BS = labels_BS.to(logits_BSV.device)[:, 1:]
-        if token_mask_BS is not None:  # a target counts only when it and the token predicting it are real
-            target_BS = target_BS.masked_fill(~(token_mask_BS[:, 1:] & token_mask_BS[:, :-1]), -100)
-        target = target_BS.reshape(-1)
-        pred = logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float()
-        # mean over non-ignored targets; 0 (not NaN) when every target is ignored, without a host sync
-        total = F.cross_entropy(pred, target, ignore_index=-100, reduction="sum")
-        return total / (target != -100).sum().clamp(min=1)

@@ -12,6 +12,10 @@ picks one, or None: keep the grouped dispatch):
   five.
 * ``"pairs"``: a Python loop over the kept (token, expert) slots, three matrix-vector products each; used
   for 1-2 tokens with many experts, where only the selected experts' weights are read.
+* ``"grouped"``: the grouped dispatch's arithmetic (slots sorted by expert, one matmul per expert block
+  and weight, weighted ``index_add``) without its training machinery (autograd functions, offset
+  tensors, dtype casts); used for the remaining decode-sized batches (``T * K <= 64``), e.g. 8 sequences
+  with 8 experts and top-2, where each expert sees about two rows.
 
 Dropped or padding slots (``slot_mask`` False) never contribute: ``pairs`` skips them, ``dense`` multiplies by
 their combine weight, which the router sets to exactly 0. Made for inference (autograd works through it, but
@@ -31,13 +35,21 @@ Example:
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import Tensor
 
-from moe_lab.nn.experts import Experts
+from moe_lab.nn.experts import Experts, grouped_mm_supported
 from moe_lab.nn.router import RoutingDecision
 
-__all__ = ["DENSE_MAX_EXPERTS_PER_SLOT", "PAIRS_MAX_SLOTS", "small_batch_method", "small_batch_moe"]
+__all__ = [
+    "DENSE_MAX_EXPERTS_PER_SLOT",
+    "GROUPED_MAX_SLOTS",
+    "PAIRS_MAX_SLOTS",
+    "small_batch_method",
+    "small_batch_moe",
+]
 
 PAIRS_MAX_SLOTS = 8
 """Largest ``T * K`` for the ``"pairs"`` loop (measured on CPU: 1-2 decode tokens with top-2 are 2x faster
@@ -48,16 +60,22 @@ DENSE_MAX_EXPERTS_PER_SLOT = 2
 
 _DENSE_MAX_SLOTS = 16  # decode-sized batches only: beyond, the wasted FLOPs (and FLOP counts) grow
 
+GROUPED_MAX_SLOTS = 64
+"""Largest ``T * K`` for ``"grouped"`` (decode batches); larger batches use the grouped dispatch itself,
+whose bookkeeping is then small next to the matmuls."""
+
 
 def small_batch_method(num_tokens: int, top_k: int, num_experts: int, training: bool) -> str | None:
     """Which small-batch method fits, or None for the grouped dispatch.
 
     Eval mode only. ``"dense"`` when ``E <= 2 * K`` (few experts: computing all of them
     costs at most twice the needed FLOPs and saves the bookkeeping) and ``T * K <= 16``; else ``"pairs"``
-    when ``T * K <= PAIRS_MAX_SLOTS``; else None.
+    when ``T * K <= PAIRS_MAX_SLOTS``; else ``"grouped"`` when ``T * K <= GROUPED_MAX_SLOTS``; else None.
 
     >>> small_batch_method(1, 2, 4, False), small_batch_method(1, 2, 8, False), small_batch_method(8, 2, 8, False)
-    ('dense', 'pairs', None)
+    ('dense', 'pairs', 'grouped')
+    >>> small_batch_method(64, 2, 8, False) is None
+    True
     """
     slots = num_tokens * top_k
     if training or slots == 0:
@@ -66,6 +84,8 @@ def small_batch_method(num_tokens: int, top_k: int, num_experts: int, training: 
         return "dense"
     if slots <= PAIRS_MAX_SLOTS:
         return "pairs"
+    if slots <= GROUPED_MAX_SLOTS:
+        return "grouped"
     return None
 
 
@@ -93,7 +113,8 @@ def _pairs(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
     dtype = x_TD.dtype
     w1_EDF, w2_EFD = _cast(experts.w1_EDF, dtype), _cast(experts.w2_EFD, dtype)
     w3_EDF = _cast(experts.w3_EDF, dtype) if experts.w3_EDF is not None else None
-    weights_TK = _cast(decision.combine_weights, dtype)
+    # the weights as Python floats (exact: a float32 value round-trips through a double), no 0-dim tensors
+    weights = _cast(decision.combine_weights, dtype).tolist()
     keep = decision.slot_mask.tolist()
     rows: list[Tensor] = []
     for t, (experts_k, keep_k) in enumerate(zip(decision.expert_indices.tolist(), keep)):
@@ -103,14 +124,56 @@ def _pairs(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
             if not kept:
                 continue
             h3_1F = x_1D @ w3_EDF[e] if w3_EDF is not None else None
-            y_1D = (experts._hidden(x_1D @ w1_EDF[e], h3_1F) @ w2_EFD[e]) * weights_TK[t, k]
+            y_1D = (experts._hidden(x_1D @ w1_EDF[e], h3_1F) @ w2_EFD[e]) * weights[t][k]
             acc_1D = y_1D if acc_1D is None else acc_1D + y_1D
         rows.append(acc_1D if acc_1D is not None else torch.zeros_like(x_1D))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+def _grouped(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: str = "auto") -> Tensor:
+    t, d = x_TD.shape
+    k = decision.expert_indices.shape[1]
+    e, dtype = experts.num_experts, x_TD.dtype
+    # kept slots sorted by expert (stable: token order inside an expert); dropped/padding slots sort last
+    key_N = torch.where(decision.slot_mask, decision.expert_indices, e).reshape(-1)
+    order_N = torch.argsort(key_N, stable=True)
+    counts = torch.bincount(key_N, minlength=e + 1).tolist()
+    if counts[e]:
+        order_N = order_N[: t * k - counts[e]]
+    if order_N.numel() == 0:
+        return torch.zeros_like(x_TD)
+    token_N = torch.div(order_N, k, rounding_mode="floor")
+    x_ND = x_TD.index_select(0, token_N)
+    w1_EDF, w2_EFD = _cast(experts.w1_EDF, dtype), _cast(experts.w2_EFD, dtype)
+    w3_EDF = _cast(experts.w3_EDF, dtype) if experts.w3_EDF is not None else None
+    counts = counts[:e]
+    eager_cpu = x_TD.device.type == "cpu" and not torch.compiler.is_compiling()  # fp32 _grouped_mm: eager CPU
+    if impl != "loop" and eager_cpu and grouped_mm_supported(d, experts.ffn_hidden_size, dtype):
+        # one call per weight; the CPU kernel loops over the blocks in C++ (same matmuls as the loop below)
+        offs_E = torch.tensor(list(accumulate(counts)), dtype=torch.int32)
+        h3_NF = torch._grouped_mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
+        h_NF = experts._hidden(torch._grouped_mm(x_ND, w1_EDF, offs=offs_E), h3_NF)
+        y_ND = torch._grouped_mm(h_NF, w2_EFD, offs=offs_E)
+    else:
+        blocks: list[Tensor] = []
+        start = 0
+        for j, n in enumerate(counts):
+            if n:
+                xe = x_ND[start : start + n]
+                h3 = xe @ w3_EDF[j] if w3_EDF is not None else None
+                blocks.append(experts._hidden(xe @ w1_EDF[j], h3) @ w2_EFD[j])
+                start += n
+        y_ND = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    w_N = _cast(decision.combine_weights, dtype).reshape(-1).index_select(0, order_N)
+    return x_TD.new_zeros(t, d).index_add_(0, token_N, y_ND * w_N[:, None])
+
+
 def small_batch_moe(
-    x_TD: Tensor, decision: RoutingDecision, experts: Experts, method: str | None = None
+    x_TD: Tensor,
+    decision: RoutingDecision,
+    experts: Experts,
+    method: str | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Routed-expert output ``[T, D]`` for a small T: ``out[t] = sum_k w[t, k] * expert_{e[t, k]}(x[t])``.
 
@@ -118,8 +181,10 @@ def small_batch_moe(
         x_TD: tokens (the experts' input).
         decision: the router's decision for these T tokens (token choice: ``K`` slots per token).
         experts: the stacked expert weights.
-        method: ``"dense"``, ``"pairs"`` or None (:func:`small_batch_method`'s choice, ``"pairs"`` when
-            it has none).
+        method: ``"dense"``, ``"pairs"``, ``"grouped"`` or None (:func:`small_batch_method`'s choice,
+            ``"grouped"`` when it has none).
+        impl: the layer's expert implementation; ``"loop"`` makes ``"grouped"`` use plain per-expert
+            matmuls (as the dispatch does) instead of ``torch._grouped_mm``.
 
     Same numbers as :func:`moe_lab.nn.dispatch.dispatch_combine` up to float rounding (the tests compare
     both with a per-token reference).
@@ -128,9 +193,11 @@ def small_batch_moe(
     if t != x_TD.shape[0]:
         raise ValueError(f"decision covers {t} tokens but x has {x_TD.shape[0]} rows")
     if method is None:
-        method = small_batch_method(t, k, experts.num_experts, training=False) or "pairs"
+        method = small_batch_method(t, k, experts.num_experts, training=False) or "grouped"
     if method == "dense":
         return _dense(x_TD, decision, experts)
     if method == "pairs":
         return _pairs(x_TD, decision, experts)
-    raise ValueError(f"method must be 'dense', 'pairs' or None, got {method!r}")
+    if method == "grouped":
+        return _grouped(x_TD, decision, experts, impl)
+    raise ValueError(f"method must be 'dense', 'pairs', 'grouped' or None, got {method!r}")

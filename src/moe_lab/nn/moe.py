@@ -189,7 +189,7 @@ class MoELayer(nn.Module):
             k = decision.expert_indices.shape[1]
             method = small_batch_method(x_TD.shape[0], k, self.num_experts, self.training)
         if method is not None:
-            out_TD = small_batch_moe(x_TD, decision, self.experts, method)
+            out_TD = small_batch_moe(x_TD, decision, self.experts, method, impl=self.impl)
         else:
             out_TD = dispatch_combine(x_TD, decision, self.experts, impl=self.impl)
         if self.shared_experts is not None:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_lab.nn.kv_cache import KVCache  # re-exported: ``moe_lab.nn.transformer.KVCache`` stays valid
+
 __all__ = [
     "Attention",
     "DecoderBlock",
@@ -109,96 +111,6 @@ def repeat_kv(x_BGKD: Tensor, n_rep: int) -> Tensor:
         return x_BGKD
     b, g, k, d = x_BGKD.shape
     return x_BGKD[:, :, None].expand(b, g, n_rep, k, d).reshape(b, g * n_rep, k, d)
-
-
-class KVCache:
-    """Per-layer key/value tensors ``[B, G, P, Dh]`` for incremental decoding.
-
-    The model creates one when called with ``use_cache=True`` and returns it in ``MoEOutput.kv_cache``;
-    pass it back with ``kv_cache=...`` together with only the new tokens. ``keys[i]`` / ``values[i]`` are
-    the cached tensors of layer i. Without autograd, once a layer's cache is longer than
-    ``concat_max_numel`` elements they are views into buffers that grow geometrically, so a decode step
-    writes its new positions in place instead of copying the whole cache (``torch.cat``).
-
-    >>> cache = KVCache(num_layers=2)
-    >>> cache.get_seq_length()
-    0
-    """
-
-    concat_max_numel = 1 << 16
-    """Caches up to this many elements per layer tensor grow by ``torch.cat`` (cheaper than the buffer
-    bookkeeping while they are short); larger ones move to the growing buffers."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
-        # growth buffers [B, G, capacity, Dh]; used only while keys[i] is still the view handed out last
-        self._key_buf: list[Tensor | None] = [None] * num_layers
-        self._value_buf: list[Tensor | None] = [None] * num_layers
-        self._key_view: list[Tensor | None] = [None] * num_layers
-        self._value_view: list[Tensor | None] = [None] * num_layers
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Number of cached positions (P)."""
-        k = self.keys[layer_idx]
-        return 0 if k is None else int(k.shape[-2])
-
-    def _fits(self, layer_idx: int, old_k: Tensor, old_v: Tensor, new_k: Tensor, new_v: Tensor) -> bool:
-        """The layer's buffers hold ``old_k``/``old_v`` (the views handed out last) and have room for the new."""
-        kb, vb = self._key_buf[layer_idx], self._value_buf[layer_idx]
-        return (
-            kb is not None
-            and vb is not None
-            and old_k is self._key_view[layer_idx]
-            and old_v is self._value_view[layer_idx]
-            and old_k.shape[-2] + new_k.shape[-2] <= kb.shape[-2]
-            and new_k.shape[:-2] == kb.shape[:-2]
-            and new_v.shape[:-2] == vb.shape[:-2]
-            and new_k.dtype == kb.dtype
-            and new_v.dtype == vb.dtype
-        )
-
-    def update(self, layer_idx: int, k_BGSD: Tensor, v_BGSD: Tensor) -> tuple[Tensor, Tensor]:
-        """Append new keys/values for one layer; return all keys/values ``[B, G, P + S, Dh]``."""
-        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        grad = k_BGSD.requires_grad or v_BGSD.requires_grad
-        small = old_k is None or old_k.numel() + k_BGSD.numel() <= self.concat_max_numel
-        if grad or (small and self._key_buf[layer_idx] is None):
-            if old_k is not None and old_v is not None:  # autograd or a short cache: plain concatenation
-                k_BGSD = torch.cat((old_k, k_BGSD), dim=-2)
-                v_BGSD = torch.cat((old_v, v_BGSD), dim=-2)
-            self.keys[layer_idx], self.values[layer_idx] = k_BGSD, v_BGSD
-            self._key_buf[layer_idx] = self._value_buf[layer_idx] = None
-            self._key_view[layer_idx] = self._value_view[layer_idx] = None
-            return k_BGSD, v_BGSD
-        p = 0 if old_k is None else old_k.shape[-2]
-        s = k_BGSD.shape[-2]
-        if old_k is None or old_v is None or not self._fits(layer_idx, old_k, old_v, k_BGSD, v_BGSD):
-            cap = p + s + max(64, (p + s) // 2)  # geometric growth: amortised O(1) copy per position
-            new_kb = k_BGSD.new_empty((*k_BGSD.shape[:-2], cap, k_BGSD.shape[-1]))
-            new_vb = v_BGSD.new_empty((*v_BGSD.shape[:-2], cap, v_BGSD.shape[-1]))
-            if old_k is not None and old_v is not None:
-                new_kb.narrow(-2, 0, p).copy_(old_k)
-                new_vb.narrow(-2, 0, p).copy_(old_v)
-            self._key_buf[layer_idx], self._value_buf[layer_idx] = new_kb, new_vb
-        kb, vb = self._key_buf[layer_idx], self._value_buf[layer_idx]
-        assert kb is not None and vb is not None
-        kb.narrow(-2, p, s).copy_(k_BGSD)
-        vb.narrow(-2, p, s).copy_(v_BGSD)
-        k_all, v_all = kb.narrow(-2, 0, p + s), vb.narrow(-2, 0, p + s)
-        self.keys[layer_idx], self.values[layer_idx] = k_all, v_all
-        self._key_view[layer_idx], self._value_view[layer_idx] = k_all, v_all
-        return k_all, v_all
-
-    def select(self, batch_index: Tensor) -> KVCache:
-        """A cache keeping only the rows ``batch_index`` (e.g. to drop finished sequences)."""
-        out = KVCache(len(self))
-        out.keys = [None if k is None else k.index_select(0, batch_index) for k in self.keys]
-        out.values = [None if v is None else v.index_select(0, batch_index) for v in self.values]
-        return out
 
 
 def build_attention_mask(
@@ -288,6 +200,8 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> Tensor:
         b, s, _ = x_BSD.shape
+        if s == 1 and kv_cache is not None and not self.training and not torch.compiler.is_compiling():
+            return self._decode_step(x_BSD, cos_BSD, sin_BSD, mask_B1SK, kv_cache)
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
@@ -304,24 +218,78 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k_BGSD, v_BGSD = kv_cache.update(self.layer_idx, k_BGSD, v_BGSD)
         n_rep = self.num_heads // self.num_kv_heads
-        if s == 1 and n_rep > 1 and not self.training and not torch.compiler.is_compiling():
-            # decode step: SDPA reads each key/value group for its n_rep query heads itself (bit-identical
-            # to repeat_kv on CPU), so the cache is not copied per head every step
-            out_BHSD = F.scaled_dot_product_attention(
-                q_BHSD, k_BGSD, v_BGSD, attn_mask=mask_B1SK, scale=self.head_dim**-0.5, enable_gqa=True
-            )
-            return self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-        k_BHKD, v_BHKD = repeat_kv(k_BGSD, n_rep), repeat_kv(v_BGSD, n_rep)
+        # enable_gqa: SDPA reads each key/value group for its n_rep query heads (no repeat_kv copies)
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD,
-            k_BHKD,
-            v_BHKD,
+            k_BGSD,
+            v_BGSD,
             attn_mask=mask_B1SK,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal and s > 1,
             scale=self.head_dim**-0.5,
+            enable_gqa=n_rep > 1,
         )
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def _fused_qkv(self) -> tuple[Tensor, Tensor | None]:
+        """The q/k/v weights (and biases) concatenated, for gradient-free decoding (one matmul, not three).
+
+        A cached copy (one more set of q/k/v weights in memory, never in the state dict), rebuilt when any
+        of them changes: another tensor (load, ``.to``) or an in-place update (optimizer step, ``copy_``).
+        """
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        params = [t for m in projs for t in (m.weight, m.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
+        cached = self.__dict__.get("_qkv_cache")
+        if cached is None or cached[0] != key:
+            w = torch.cat([m.weight for m in projs]).detach()
+            bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projs]).detach()
+            cached = self.__dict__["_qkv_cache"] = (key, w, bias)
+        return cached[1], cached[2]
+
+    def _decode_step(
+        self, x_B1D: Tensor, cos_B1D: Tensor, sin_B1D: Tensor, mask_B11K: Tensor | None, kv_cache: KVCache
+    ) -> Tensor:
+        """One new token per row on top of ``kv_cache`` (eval): the general path's numbers, fewer ops.
+
+        Without autograd the q/k/v projections are one matmul (:meth:`_fused_qkv`, bit-identical columns).
+        With one position, rotary is applied in the projection layout ``[B, 1, heads, Dh]`` (the angles
+        broadcast over heads), to queries and keys at once and without transposed copies. SDPA reads each
+        key/value group for its query heads itself (``enable_gqa``, bit-identical to ``repeat_kv`` on CPU),
+        so the cache is never copied per head; the cache writes in place when it has a ``capacity``.
+        """
+        b = x_B1D.shape[0]
+        h, g, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if torch.is_grad_enabled():  # keep the graph to the separate weights
+            qkv = torch.cat((self.q_proj(x_B1D), self.k_proj(x_B1D), self.v_proj(x_B1D)), -1)
+        else:
+            qkv = F.linear(x_B1D, *self._fused_qkv())
+        qk, v = qkv[..., : (h + g) * dh], qkv[..., (h + g) * dh :]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = qk[..., : h * dh], qk[..., h * dh :]
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:  # per_head
+                q = self.q_norm(q.reshape(b, 1, h, dh)).view(b, 1, h * dh)
+                k = self.k_norm(k.reshape(b, 1, g, dh)).view(b, 1, g * dh)
+            qk = torch.cat((q, k), -1)
+        # queries and keys rotated together: one set of elementwise ops for both (same numbers per element)
+        qk_B1ND = qk.view(b, 1, h + g, dh)
+        half = dh // 2
+        rotated_B1ND = torch.cat((-qk_B1ND[..., half:], qk_B1ND[..., :half]), -1)
+        qk_B1ND = qk_B1ND * cos_B1D[:, :, None] + rotated_B1ND * sin_B1D[:, :, None]
+        k_BGKD, v_BGKD = kv_cache.update(
+            self.layer_idx, qk_B1ND[:, :, h:].transpose(1, 2), v.view(b, 1, g, dh).transpose(1, 2)
+        )
+        out_BH1D = F.scaled_dot_product_attention(
+            qk_B1ND[:, :, :h].transpose(1, 2),
+            k_BGKD,
+            v_BGKD,
+            attn_mask=mask_B11K,
+            scale=dh**-0.5,
+            enable_gqa=h != g,
+        )
+        return self.o_proj(out_BH1D.transpose(1, 2).reshape(b, 1, h * dh))
 
 
 class DenseFFN(nn.Module):
