@@ -3,6 +3,8 @@ the one-query attention path and the generate buffers (compared with plain recom
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,19 @@ TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_hea
 def _model(seed: int = 0, **kw) -> MoEModel:
     torch.manual_seed(seed)
     return MoEModel(**{**TINY, "num_experts": 4, "experts_per_token": 2, **kw}).eval()
+
+
+def _grow(cache: KVCache, sizes: tuple[int, ...]) -> Iterator[tuple[torch.Tensor, int]]:
+    """Append random keys/values of these lengths; check each result equals concatenation; yield (keys, P)."""
+    ks, vs = [], []
+    for s in sizes:
+        k, v = torch.randn(2, 3, s, 4), torch.randn(2, 3, s, 4)
+        ks.append(k)
+        vs.append(v)
+        with torch.no_grad():
+            got_k, got_v = cache.update(0, k, v)
+        assert torch.equal(got_k, torch.cat(ks, dim=-2)) and torch.equal(got_v, torch.cat(vs, dim=-2))
+        yield got_k, sum(x.shape[-2] for x in ks)
 
 
 def test_logits_to_keep_is_the_tail_and_defaults_to_all() -> None:
@@ -59,14 +74,7 @@ def test_kv_cache_buffers_equal_concatenation(monkeypatch: pytest.MonkeyPatch, c
     monkeypatch.setattr(KVCache, "concat_max_numel", concat_max_numel)  # 0: buffers from the first step
     torch.manual_seed(0)
     cache = KVCache(1)
-    ks, vs = [], []
-    for s in (5, 1, 1, 3, 70, 1):  # 70 forces a regrow of the buffer
-        k, v = torch.randn(2, 3, s, 4), torch.randn(2, 3, s, 4)
-        ks.append(k)
-        vs.append(v)
-        with torch.no_grad():
-            got_k, got_v = cache.update(0, k, v)
-        assert torch.equal(got_k, torch.cat(ks, dim=-2)) and torch.equal(got_v, torch.cat(vs, dim=-2))
+    for got_k, _ in _grow(cache, (5, 1, 1, 3, 70, 1)):  # 70 forces a regrow of the buffer
         assert cache.keys[0] is got_k and cache.get_seq_length() == got_k.shape[-2]
     assert (cache._key_buf[0] is not None) == (concat_max_numel < 2 * 3 * 81 * 4)
     first = cache.keys[0].clone()
@@ -165,17 +173,10 @@ def test_generate_stop_rows_are_padded_and_masked() -> None:
 def test_kv_cache_with_capacity_allocates_once_and_equals_concatenation() -> None:
     torch.manual_seed(5)
     cache = KVCache(1, capacity=10)
-    ks, vs = [], []
-    for s in (4, 1, 1, 1, 3, 2):  # 12 positions: the last update outgrows the capacity
-        k, v = torch.randn(2, 3, s, 4), torch.randn(2, 3, s, 4)
-        ks.append(k)
-        vs.append(v)
-        with torch.no_grad():
-            got_k, got_v = cache.update(0, k, v)
-        assert torch.equal(got_k, torch.cat(ks, dim=-2)) and torch.equal(got_v, torch.cat(vs, dim=-2))
+    for got_k, length in _grow(cache, (4, 1, 1, 1, 3, 2)):  # 12 positions: the last outgrows the capacity
         buf = cache._key_buf[0]
         assert buf is not None and got_k.data_ptr() == buf.data_ptr()  # a view of the buffer, no copy
-        if sum(x.shape[-2] for x in ks) <= 10:
+        if length <= 10:
             assert buf.shape[-2] == 10  # allocated at the capacity on the first update, never regrown
             first_buf = buf
     assert cache._key_buf[0] is not first_buf and cache.get_seq_length() == 12

@@ -118,13 +118,20 @@ class LFUPolicy(CachePolicy):
     def _victim(self) -> Key:
         return min(self._resident, key=lambda k: (self._freq[k], self._last[k]))
 
+    def _admit(self, key: Key, victim: Key) -> bool:
+        """Whether a missed ``key`` may replace ``victim`` in a full cache (LFU: always)."""
+        return True
+
     def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
         self._freq[key] = self._freq.get(key, 0) + 1
         self._last[key] = t
         if key in self._resident:
             return True
         if len(self._resident) >= self.capacity:
-            self._resident.discard(self._victim())
+            victim = self._victim()
+            if not self._admit(key, victim):
+                return False  # bypass: served for this request, not kept
+            self._resident.discard(victim)
         self._resident.add(key)
         return False
 
@@ -145,18 +152,8 @@ class LFUAdmitPolicy(LFUPolicy):
 
     name = "lfu_admit"
 
-    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
-        self._freq[key] = self._freq.get(key, 0) + 1
-        self._last[key] = t
-        if key in self._resident:
-            return True
-        if len(self._resident) >= self.capacity:
-            victim = self._victim()
-            if self._freq[key] <= self._freq[victim]:
-                return False  # bypass: not used more often than the victim
-            self._resident.discard(victim)
-        self._resident.add(key)
-        return False
+    def _admit(self, key: Key, victim: Key) -> bool:
+        return self._freq[key] > self._freq[victim]  # else bypass: not used more often than the victim
 
 
 class WeightedLRUPolicy(CachePolicy):
