@@ -130,11 +130,13 @@ bench: install ## Run the benchmarks (BENCHMARKS="moe_layer train_step") -> benc
 	done
 
 bench-compare: BENCH_ARGS = --quick
+bench-compare: export MOE_LAB_BENCH_NO_APPEND = 1
 bench-compare: bench ## Quick benchmarks, then fail on a ratio regression against benchmarks/baseline.json
 	$(BIN)/python benchmarks/compare.py --baseline benchmarks/baseline.json \
 		$(if $(BENCH_THRESHOLD),--threshold $(BENCH_THRESHOLD)) $(addprefix $(BENCH_DIR)/,$(addsuffix .json,$(BENCHMARKS)))
 
 bench-baseline: BENCH_ARGS = --quick
+bench-baseline: export MOE_LAB_BENCH_NO_APPEND = 1
 bench-baseline: bench ## Refresh benchmarks/baseline.json from a quick run (review the diff before committing)
 	$(BIN)/python benchmarks/compare.py --baseline benchmarks/baseline.json --update \
 		$(addprefix $(BENCH_DIR)/,$(addsuffix .json,$(BENCHMARKS)))

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moe_lab.bench import appending_enabled
+
 # gloo records one event per collective as it runs ("gloo:all_to_all", "gloo:all_reduce", ...); NCCL ones
 # are named "nccl:..." — their inclusive CPU time is the time spent communicating (and waiting for peers).
 A2A_KEYS = ("all_to_all", "alltoall")
@@ -173,7 +175,7 @@ def main() -> None:
     cmd = "python benchmarks/distributed.py" + (" --quick" if args.quick else "")
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=2))
-    if not args.no_record:
+    if not args.no_record and appending_enabled():
         results = Path(__file__).with_name("RESULTS.md")
         if not results.exists():
             results.write_text("# Benchmark results\n")

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from moe_lab.bench import appending_enabled, record, write_records
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -170,6 +172,7 @@ def main() -> int:
     ap.add_argument("--pin-mmap", action="store_true", help="time with glibc's mmap threshold pinned too")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--out", help="write compare.py records (JSON) here")
     ap.add_argument("--memory-child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads > 0:
@@ -272,9 +275,18 @@ def run(
         f"\nmoe-lab / peer: {ratio:.2f}x tokens/s (wall), {cpu_ratio:.2f}x (CPU time), {mem_ratio:.2f}x peak memory"
     )
     table = "\n".join(lines)
+    if args.out:
+        write_records(
+            args.out,
+            [
+                record("finetune/tokens_per_s_vs_peft", ratio, higher_is_better=True),
+                record("finetune/tokens_per_cpu_s_vs_peft", cpu_ratio, higher_is_better=True),
+                record("finetune/peak_memory_vs_peft", mem_ratio, higher_is_better=False),
+            ],
+        )
     print(shape_s)
     print(table)
-    if not args.no_append:
+    if not args.no_append and appending_enabled():
         cmd = "python benchmarks/finetune.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if not RESULTS.exists():
             RESULTS.write_text("# Benchmark results\n", encoding="utf-8")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_lab.bench import appending_enabled, record
 from moe_lab.nn import MoELayer
 
 SHAPES = {
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path, help="write compare.py records (and the rows) as JSON here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--clock",
@@ -351,9 +352,15 @@ def main(argv: list[str] | None = None) -> int:
             print(to_markdown(case), flush=True)
     table = to_markdown(rows)
     print("\n" + table)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
-    if not args.no_append:
+    if args.out:  # compare.py reads "records"; the full rows ride along
+        ours = [r for r in rows if r["contender"] == "moe_lab MoELayer (auto)"]
+        records = [
+            record(f"moe_layer/{r['shape']}_{r['tokens']}_{key}", r[key], higher_is_better=False)
+            for r in ours
+            for key in ("vs_floor", "vs_best_peer")
+        ]
+        args.out.write_text(json.dumps({"records": records, "rows": rows}, indent=2))
+    if not args.no_append and appending_enabled():
         cmd = "python benchmarks/moe_layer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -8,6 +8,7 @@ code itself (a less noisy measure). Appends a section to ``benchmarks/RESULTS.md
 
 Run:
     python benchmarks/monitor_overhead.py --steps 30 --batch 8 --seq 128 --append
+    python benchmarks/monitor_overhead.py --quick --out results.json   # CI size, compare.py records
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moe_lab.analytics import RouterMonitor
+from moe_lab.bench import appending_enabled, record, write_records
 from moe_lab.models import MoEModel
 from moe_lab.train.callbacks.router_monitor import RouterMonitorCallback
 
@@ -137,7 +139,11 @@ def main() -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = default)")
     p.add_argument("--append", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    p.add_argument("--quick", action="store_true", help="CI size: 6 rounds, batch 4 x seq 64")
+    p.add_argument("--out", help="write compare.py records (JSON) here")
     args = p.parse_args()
+    if args.quick:
+        args.steps, args.batch, args.seq = min(args.steps, 6), min(args.batch, 4), min(args.seq, 64)
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(args.steps, args.batch, args.seq, args.device, args.dtype)
@@ -161,7 +167,23 @@ def main() -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.append:
+    if args.out:  # step time with monitoring / without (1.0 = free); CPU time is the steadier measure
+        write_records(
+            args.out,
+            [
+                record(
+                    "monitor_overhead/callback_cpu_step_ratio",
+                    1 + float(res["callback_cpu_overhead_pct"]) / 100,
+                    higher_is_better=False,
+                ),
+                record(
+                    "monitor_overhead/hooks_cpu_step_ratio",
+                    1 + float(res["hooks_cpu_overhead_pct"]) / 100,
+                    higher_is_better=False,
+                ),
+            ],
+        )
+    if args.append and appending_enabled():
         path = Path(__file__).resolve().parent / "RESULTS.md"
         head = "" if path.exists() else "# Benchmark results\n"
         cmd = "python benchmarks/monitor_overhead.py " + " ".join(sys.argv[1:])

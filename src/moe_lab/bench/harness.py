@@ -197,11 +197,31 @@ def machine_note() -> str:
     )
 
 
+def appending_enabled() -> bool:
+    """False when ``MOE_LAB_BENCH_NO_APPEND`` is set to a non-empty value other than ``0``.
+
+    ``make bench-compare`` / ``make bench-baseline`` set it: their quick runs feed ``benchmarks/compare.py``
+    and must not add sections to ``benchmarks/RESULTS.md``.
+
+    >>> import os
+    >>> os.environ["MOE_LAB_BENCH_NO_APPEND"] = "1"; appending_enabled()
+    False
+    >>> del os.environ["MOE_LAB_BENCH_NO_APPEND"]; appending_enabled()
+    True
+    """
+    return os.environ.get("MOE_LAB_BENCH_NO_APPEND", "") in ("", "0")
+
+
 def append_results(
     path: str | os.PathLike[str], title: str, command: str, body: str, notes: str = ""
 ) -> Path:
-    """Append a dated section to a RESULTS.md file (created with a ``# Benchmark results`` header)."""
+    """Append a dated section to a RESULTS.md file (created with a ``# Benchmark results`` header).
+
+    Writes nothing when the environment sets ``MOE_LAB_BENCH_NO_APPEND`` (see :func:`appending_enabled`).
+    """
     path = Path(path)
+    if not appending_enabled():
+        return path
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("# Benchmark results\n", encoding="utf-8")
