@@ -110,3 +110,22 @@ def test_gmm_small_outputs_use_grouped_mm_and_agree() -> None:
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     ref = torch.cat([xe @ w[e] for e, xe in enumerate(x.split(counts))])
     torch.testing.assert_close(_gmm(x, w, counts, offs), ref)
+
+
+def test_linear_cross_entropy_retained_graph_and_no_grad() -> None:
+    """The first backward reuses the forward's exponentials in place; a second one recomputes them."""
+    torch.manual_seed(6)
+    h = torch.randn(40, 8, requires_grad=True)
+    w = torch.randn(300, 8, requires_grad=True)
+    target = torch.randint(0, 300, (40,))
+    _, total = linear_cross_entropy(h, w, target)
+    first = torch.autograd.grad(total, (h, w), retain_graph=True)
+    second = torch.autograd.grad(total, (h, w))
+    ref_total = F.cross_entropy(h @ w.T, target, reduction="sum")
+    want = torch.autograd.grad(ref_total, (h, w))
+    for a, b, r in zip(first, second, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b, r, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        _, total_ng = linear_cross_entropy(h, w, target)
+    assert torch.equal(total_ng, total.detach())

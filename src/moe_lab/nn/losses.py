@@ -29,10 +29,18 @@ _CE_CHUNK_BYTES = 4 << 20  # rows per chunk: a [rows, V] float32 temporary of ab
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``logits = h @ w.T`` and ``sum_n CE(logits[n], target[n])`` in one node (see linear_cross_entropy)."""
+    """``logits = h @ w.T`` and ``sum_n CE(logits[n], target[n])`` in one node (see linear_cross_entropy).
+
+    The forward's ``exp(logits - rowmax)`` (its log-sum-exp pass) is kept in one ``[N, V]`` buffer when a
+    gradient will be needed; the first backward scales it in place into the logits gradient (softmax = that
+    exponential over its row sum), so no second exponential pass and no second ``[N, V]`` buffer. A later
+    backward through a retained graph recomputes the exponentials from the logits.
+    """
 
     @staticmethod
-    def forward(ctx: Any, h_ND: Tensor, w_VD: Tensor, target_N: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, h_ND: Tensor, w_VD: Tensor, target_N: Tensor, keep_exp: bool
+    ) -> tuple[Tensor, Tensor]:
         n, v = h_ND.shape[0], w_VD.shape[0]
         plain = (
             h_ND.device.type == "cpu"
@@ -46,38 +54,50 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid_N = target_N != -100
         safe_N = torch.where(valid_N, target_N, torch.zeros_like(target_N))
         cdt = torch.promote_types(logits_NV.dtype, torch.float32)  # loss dtype: float32 at least
-        lse_N = torch.empty(n, dtype=cdt, device=h_ND.device)
-        rows = max(1, _CE_CHUNK_BYTES // (4 * v))
-        for i in range(0, n, rows):
-            torch.logsumexp(logits_NV[i : i + rows].to(cdt), -1, out=lse_N[i : i + rows])
+        rows = max(1, min(n, _CE_CHUNK_BYTES // (4 * v)))
+        like = torch.empty(0, dtype=cdt, device=h_ND.device)
+        exp_NV = _empty_large((n, v) if keep_exp else (rows, v), like)
+        max_N1 = torch.empty(n, 1, dtype=cdt, device=h_ND.device)
+        sum_N = torch.empty(n, dtype=cdt, device=h_ND.device)
+        for i in range(0, n, rows):  # torch.logsumexp's steps, keeping the exponentials
+            lc = logits_NV[i : i + rows].to(cdt)
+            ec = exp_NV[i : i + rows] if keep_exp else exp_NV[: lc.shape[0]]
+            mc = torch.amax(lc, -1, keepdim=True, out=max_N1[i : i + rows])
+            mc.masked_fill_(mc.abs() == float("inf"), 0.0)
+            torch.sum(torch.sub(lc, mc, out=ec).exp_(), -1, out=sum_N[i : i + rows])
+        lse_N = sum_N.log() + max_N1.squeeze(1)
         picked_N = logits_NV.gather(1, safe_N[:, None]).squeeze(1).to(cdt)
         total = ((lse_N - picked_N) * valid_N).sum()
-        ctx.save_for_backward(h_ND, w_VD, logits_NV, lse_N, safe_N, valid_N)
+        ctx.save_for_backward(h_ND, w_VD, logits_NV, max_N1, sum_N, safe_N, valid_N)
+        ctx.exp_NV = exp_NV if keep_exp else None  # not saved: the first backward overwrites it
         ctx.set_materialize_grads(False)  # unused logits: no [N, V] zero gradient
         return logits_NV, total
 
     @staticmethod
     def backward(
         ctx: Any, g_logits: Tensor | None, g_total: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, None]:
-        h_ND, w_VD, logits_NV, lse_N, safe_N, valid_N = ctx.saved_tensors
+    ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        h_ND, w_VD, logits_NV, max_N1, sum_N, safe_N, valid_N = ctx.saved_tensors
         n, v = logits_NV.shape
-        gl_NV = _empty_large((n, v), lse_N)  # the loss dtype
-        scale_N = valid_N.to(lse_N.dtype) * (g_total if g_total is not None else lse_N.new_zeros(()))
+        exp_NV, ctx.exp_NV = ctx.exp_NV, None
+        if exp_NV is None:  # a second backward (retained graph), or a forward without keep_exp
+            exp_NV = torch.exp(logits_NV.to(sum_N.dtype) - max_N1)
+        scale_N = valid_N.to(sum_N.dtype) * (g_total if g_total is not None else sum_N.new_zeros(()))
+        factor_N1 = (scale_N / sum_N)[:, None]
         rows = max(1, _CE_CHUNK_BYTES // (4 * v))
         for i in range(0, n, rows):
-            gc = gl_NV[i : i + rows]  # softmax * scale, minus scale at the target
-            torch.sub(logits_NV[i : i + rows].to(lse_N.dtype), lse_N[i : i + rows, None], out=gc)
-            gc.exp_().mul_(scale_N[i : i + rows, None])
+            gc = exp_NV[i : i + rows]  # softmax * scale, minus scale at the target (in place)
+            gc.mul_(factor_N1[i : i + rows])
             gc.scatter_add_(1, safe_N[i : i + rows, None], -scale_N[i : i + rows, None])
             if g_logits is not None:
                 gc.add_(g_logits[i : i + rows])
-        gl = gl_NV.to(logits_NV.dtype)
+        gl = exp_NV.to(logits_NV.dtype)
         grad_h = torch.mm(gl, w_VD.to(gl.dtype)) if ctx.needs_input_grad[0] else None
         grad_w = torch.mm(gl.t(), h_ND.to(gl.dtype)) if ctx.needs_input_grad[1] else None
         return (
             None if grad_h is None else grad_h.to(h_ND.dtype),
             None if grad_w is None else grad_w.to(w_VD.dtype),
+            None,
             None,
         )
 
@@ -87,8 +107,8 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, target_N: Tensor) -> t
 
     Same values as ``F.linear`` + ``F.cross_entropy(logits.float(), target, ignore_index=-100,
     reduction="sum")``, in one autograd node: the log-probabilities are never stored (the backward
-    recomputes the softmax in chunks from the logits and a ``[N]`` log-sum-exp), so training saves two
-    ``[N, V]`` buffers and their passes. The logits stay differentiable (a gradient reaching them is added).
+    turns the forward's ``exp(logits - rowmax)`` into the logits gradient in place), so training keeps
+    one ``[N, V]`` float buffer besides the logits and takes one exponential pass. The logits stay differentiable (a gradient reaching them is added).
 
     Example:
         >>> h, w = torch.randn(6, 8), torch.randn(32, 8)
@@ -98,7 +118,8 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, target_N: Tensor) -> t
         >>> logits.shape, bool(torch.allclose(total, ref))
         (torch.Size([6, 32]), True)
     """
-    logits, total = _LinearCrossEntropy.apply(h_ND, weight_VD, target_N)
+    keep_exp = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    logits, total = _LinearCrossEntropy.apply(h_ND, weight_VD, target_N, keep_exp)
     return logits, total
 
 
