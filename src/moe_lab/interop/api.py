@@ -20,6 +20,7 @@ from moe_lab.interop.families import hf_to_moe_state, moe_to_hf_state
 from moe_lab.interop.hf_config import FAMILIES, HFArch, parse_hf_config, read_hf_config, to_hf_config
 from moe_lab.interop.weights import atomic_dir, read_checkpoint, write_checkpoint
 from moe_lab.models import ModelConfig, MoEModel
+from moe_lab.nn.huge_pages import advise_huge_pages
 from moe_lab.nn.transformer import RotaryEmbedding
 
 __all__ = [
@@ -218,6 +219,7 @@ def load_pretrained(
     if on_meta:
         raise ValueError(f"{folder}: internal mapping error, tensors left unset: {on_meta[:5]}")
     model.hf_arch = arch  # type: ignore[assignment]  # kept for export (token ids, family)
+    advise_huge_pages(model)  # assign=True put the loaded tensors in place: large CPU ones to 2 MiB pages
     return model.to(device) if device is not None else model
 
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_lab.models.config import ModelConfig
 from moe_lab.models.io import load_model_dir, save_model_dir
+from moe_lab.nn.huge_pages import advise_huge_pages
 from moe_lab.nn.losses import (
     lm_head_cross_entropy,
     load_balancing_loss,
@@ -150,6 +151,13 @@ class MoEModel(nn.Module):
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        advise_huge_pages(self)  # large CPU weights in 2 MiB pages (Linux; no-op elsewhere)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoEModel:
+        # ``.to()``, ``.float()``, ... make new tensors: give the large CPU ones huge pages again
+        super()._apply(fn, recurse)
+        advise_huge_pages(self)
+        return self
 
     # ---- construction ------------------------------------------------------------------------------
     def _init_weights(self) -> None:

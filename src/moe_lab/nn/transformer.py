@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lab.nn.kv_cache import KVCache  # re-exported: ``moe_lab.nn.transformer.KVCache`` stays valid
+from moe_lab.nn.norm_kernels import rms_norm_train, rotary_train
 
 __all__ = [
     "Attention",
@@ -53,7 +54,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and torch.is_grad_enabled():  # same numbers, direct backward
+            return rms_norm_train(x, self.weight, self.eps)
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == dtype and x.device.type == "cpu":
+            # inference: one call; on CPU torch.rms_norm runs these very ops (bit-identical, tested)
+            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x if dtype == torch.float32 else x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * (x32 if dtype == torch.float32 else x32.to(dtype))
@@ -211,8 +217,11 @@ class Attention(nn.Module):
         if self.qk_norm == "per_head":
             assert self.q_norm is not None and self.k_norm is not None
             q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
-        q_BHSD = apply_rotary(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
-        k_BGSD = apply_rotary(k_BSGD.transpose(1, 2), cos_BSD, sin_BSD)
+        # with autograd: the same rotary numbers, a backward without cat/slice buffers (cos/sin constant)
+        grad = torch.is_grad_enabled() and not (cos_BSD.requires_grad or sin_BSD.requires_grad)
+        rotary = rotary_train if grad else apply_rotary
+        q_BHSD = rotary(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
+        k_BGSD = rotary(k_BSGD.transpose(1, 2), cos_BSD, sin_BSD)
         v_BGSD = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         is_causal = mask_B1SK is None and (kv_cache is None or kv_cache.get_seq_length(self.layer_idx) == 0)
         if kv_cache is not None:
