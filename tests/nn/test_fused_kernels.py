@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab.nn.dispatch import _GatherRows, _WeightedScatterAdd
-from moe_lab.nn.experts import _empty_large, _gmm, _GroupedMM, _SwiGLU
+from moe_lab.nn.experts import _gmm, _GroupedMM, _SwiGLU
+from moe_lab.nn.huge_pages import empty_large
 from moe_lab.nn.losses import linear_cross_entropy
 
 
@@ -67,7 +68,7 @@ def test_gmm_blocks_match_per_expert_matmul(counts: list[int], monkeypatch: pyte
 
 def test_empty_large_gives_a_usable_buffer() -> None:
     like = torch.zeros(1)
-    big = _empty_large((5 << 20,), like)  # over the huge-page threshold: advised, still a normal tensor
+    big = empty_large((5 << 20,), like)  # over the huge-page threshold: advised, still a normal tensor
     big.fill_(2.0)
     assert big.shape == (5 << 20,) and float(big.sum()) == 2.0 * (5 << 20)
 

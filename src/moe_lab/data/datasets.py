@@ -153,6 +153,10 @@ class _ResumableBatches:
         self.world_size = world_size
         self.epoch = 0
         self.index = 0
+        self._setup()
+
+    def _setup(self) -> None:
+        """Subclass state built from the settings above (called at the end of ``__init__``)."""
 
     def __iter__(self) -> Any:
         return self
@@ -195,35 +199,14 @@ class BatchIterator(_ResumableBatches):
 
     kind = "map"
 
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        epochs: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(
-            dataset,
-            batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            epochs=epochs,
-            rank=rank,
-            world_size=world_size,
-        )
-        self.num_samples = len(dataset)
+    def _setup(self) -> None:
+        self.num_samples = len(self.dataset)
         self._order_epoch = -1
         self._order = np.zeros(0, dtype=np.int64)
         if len(self) == 0:
             raise DataError(
                 f"dataset has {self.num_samples} sequences, fewer than one batch of "
-                f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
+                f"{self.batch_size} x {self.world_size} rank(s); lower batch_size or seq_len, or add data"
             )
 
     def __len__(self) -> int:

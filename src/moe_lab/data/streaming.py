@@ -128,29 +128,9 @@ class StreamingBatchIterator(_ResumableBatches):
 
     kind = "streaming"
     state_name = "streaming data iterator"
+    dataset: StreamingPackedDataset
 
-    def __init__(
-        self,
-        dataset: StreamingPackedDataset,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        epochs: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(
-            dataset,
-            batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            epochs=epochs,
-            rank=rank,
-            world_size=world_size,
-        )
+    def _setup(self) -> None:
         self._gen: Iterator[dict[str, torch.Tensor]] | None = None
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:

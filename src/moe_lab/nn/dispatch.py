@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_lab.nn.experts import Experts, _empty_large
+from moe_lab.nn.experts import Experts
+from moe_lab.nn.huge_pages import empty_large
 from moe_lab.nn.router import RoutingDecision
 
 __all__ = [
@@ -55,13 +56,13 @@ class DispatchPlan:
 
 
 class _GatherRows(torch.autograd.Function):
-    """``x[token]`` (rows sorted by expert) into an :func:`_empty_large` buffer; backward ``index_add``."""
+    """``x[token]`` (rows sorted by expert) into an :func:`~moe_lab.nn.huge_pages.empty_large` buffer; backward ``index_add``."""
 
     @staticmethod
     def forward(ctx: Any, x_TD: Tensor, token_N: Tensor) -> Tensor:
         ctx.save_for_backward(token_N)
         ctx.num_tokens = x_TD.shape[0]
-        out_ND = _empty_large((token_N.shape[0], x_TD.shape[1]), x_TD)
+        out_ND = empty_large((token_N.shape[0], x_TD.shape[1]), x_TD)
         return torch.index_select(x_TD, 0, token_N, out=out_ND)
 
     @staticmethod
@@ -77,13 +78,13 @@ class _WeightedScatterAdd(torch.autograd.Function):
     def forward(ctx: Any, y_ND: Tensor, w_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
         ctx.save_for_backward(y_ND, w_N, token_N)
         out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
-        yw_ND = torch.mul(y_ND, w_N[:, None], out=_empty_large(tuple(y_ND.shape), y_ND))
+        yw_ND = torch.mul(y_ND, w_N[:, None], out=empty_large(tuple(y_ND.shape), y_ND))
         return out_TD.index_add_(0, token_N, yw_ND)
 
     @staticmethod
     def backward(ctx: Any, g_TD: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         y_ND, w_N, token_N = ctx.saved_tensors
-        g_ND = torch.index_select(g_TD, 0, token_N, out=_empty_large(tuple(y_ND.shape), g_TD))
+        g_ND = torch.index_select(g_TD, 0, token_N, out=empty_large(tuple(y_ND.shape), g_TD))
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.bmm(g_ND.unsqueeze(1), y_ND.unsqueeze(2)).view(-1)

@@ -11,13 +11,13 @@ implementation with it (outputs and all gradients).
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_lab.nn.huge_pages import HUGE_PAGE_BYTES, empty_large
 
 __all__ = [
     "ACTIVATIONS",
@@ -38,51 +38,12 @@ def has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_LARGE_BYTES = 8 * _HUGE_PAGE  # buffers from 16 MiB on get huge pages (see _empty_large)
-_madvise: Any = None
-
-
-def _advise_huge_pages(t: Tensor) -> None:
-    """Ask Linux for transparent huge pages on a large, fresh CPU buffer (advisory, never required).
-
-    A fresh allocation over glibc's mmap threshold (32 MiB) is page-faulted 4 KiB at a time on first
-    touch; for the fine-grained expert gradients that costs more than the matmuls. With ``MADV_HUGEPAGE``
-    the kernel faults 2 MiB at a time. Any failure leaves the buffer as it is.
-    """
-    global _madvise
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise:
-        return
-    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    start = (ptr + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-    end = (ptr + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    if end > start:
-        _madvise(start, end - start, _MADV_HUGEPAGE)
-
-
-def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if (
-        out.device.type == "cpu"
-        and sys.platform.startswith("linux")
-        and out.numel() * out.element_size() >= _LARGE_BYTES
-    ):
-        _advise_huge_pages(out)
-    return out
+_LARGE_BYTES = 8 * HUGE_PAGE_BYTES  # from 16 MiB, a fresh output's 4 KiB page faults outweigh the matmul
 
 
 def _weight_grad(x_NX: Tensor, g_NY: Tensor, counts: list[int], shape: tuple[int, ...]) -> Tensor:
     """``grad_w[e] = x[rows of e]^T @ g[rows of e]`` written in place into one fresh ``[E, X, Y]`` buffer."""
-    grad_EXY = _empty_large(shape, g_NY)
+    grad_EXY = empty_large(shape, g_NY)
     for e, (xe, ge) in enumerate(zip(x_NX.split(counts), g_NY.split(counts))):
         if xe.shape[0] == 0:
             grad_EXY[e].zero_()
@@ -92,12 +53,12 @@ def _weight_grad(x_NX: Tensor, g_NY: Tensor, counts: list[int], shape: tuple[int
 
 
 def _gmm(x_NX: Tensor, w_EXY: Tensor, counts: list[int], offs_E: Tensor) -> Tensor:
-    """``torch._grouped_mm``; on CPU the same per-block matmuls written into one :func:`_empty_large` buffer
+    """``torch._grouped_mm``; on CPU the same per-block matmuls written into one :func:`~moe_lab.nn.huge_pages.empty_large` buffer
     (the CPU kernel loops over the blocks too, but its fresh output is page-faulted 4 KiB at a time)."""
     nbytes = x_NX.shape[0] * w_EXY.shape[2] * x_NX.element_size()
     if x_NX.device.type != "cpu" or nbytes < _LARGE_BYTES:  # small outputs: no page-fault cost to avoid
         return torch._grouped_mm(x_NX, w_EXY, offs=offs_E)
-    out_NY = _empty_large((x_NX.shape[0], w_EXY.shape[2]), x_NX)
+    out_NY = empty_large((x_NX.shape[0], w_EXY.shape[2]), x_NX)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -108,19 +69,19 @@ def _gmm(x_NX: Tensor, w_EXY: Tensor, counts: list[int], offs_E: Tensor) -> Tens
 
 class _SwiGLU(torch.autograd.Function):
     """``silu(h1) * h3``, saving only its inputs (autograd would also keep ``silu(h1)``), with its output
-    and gradients in :func:`_empty_large` buffers."""
+    and gradients in :func:`~moe_lab.nn.huge_pages.empty_large` buffers."""
 
     @staticmethod
     def forward(ctx: Any, h1: Tensor, h3: Tensor) -> Tensor:
         ctx.save_for_backward(h1, h3)
-        out = _empty_large(tuple(h1.shape), h1)
+        out = empty_large(tuple(h1.shape), h1)
         return torch.ops.aten.silu.out(h1, out=out).mul_(h3)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:
         h1, h3 = ctx.saved_tensors
-        g_h3 = torch.ops.aten.silu.out(h1, out=_empty_large(tuple(h1.shape), h1)).mul_(g)
-        g_h1 = torch.mul(g, h3, out=_empty_large(tuple(h1.shape), h1))
+        g_h3 = torch.ops.aten.silu.out(h1, out=empty_large(tuple(h1.shape), h1)).mul_(g)
+        g_h1 = torch.mul(g, h3, out=empty_large(tuple(h1.shape), h1))
         return torch.ops.aten.silu_backward.grad_input(g_h1, h1, grad_input=g_h1), g_h3
 
 

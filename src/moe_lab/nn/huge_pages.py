@@ -24,19 +24,30 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HUGE_PAGE_BYTES", "advise_huge_pages", "huge_page_empty", "huge_pages_available"]
+__all__ = [
+    "HUGE_PAGE_BYTES",
+    "advise_huge_pages",
+    "empty_large",
+    "huge_page_empty",
+    "huge_pages_available",
+]
 
 HUGE_PAGE_BYTES = 2 << 20
 """Size of a transparent huge page on x86-64 and arm64 (4 KiB base pages)."""
 
 _available: bool | None = None
+_madvise: Any = None
+EMPTY_LARGE_MIN_BYTES = 8 * HUGE_PAGE_BYTES
+"""Fresh buffers from 16 MiB on get the advice in :func:`empty_large`."""
 
 
 def huge_pages_available() -> bool:
@@ -119,3 +130,43 @@ def advise_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> in
             p.data = new
             moved += new.numel() * new.element_size()
     return moved
+
+
+def _advise_range(t: Tensor) -> None:
+    """``madvise(MADV_HUGEPAGE)`` on the whole 2 MiB blocks inside ``t``'s memory (advisory: failures ignored)."""
+    global _madvise
+    if _madvise is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    start = -(-ptr // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    end = (ptr + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if end > start:
+        _madvise(start, end - start, mmap.MADV_HUGEPAGE)
+
+
+def empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``torch.empty`` like ``like`` (dtype, device); a large fresh CPU buffer is advised ``MADV_HUGEPAGE``.
+
+    A fresh allocation over glibc's mmap threshold (32 MiB) is page-faulted 4 KiB at a time on first touch;
+    for the fine-grained expert gradients that costs more than the matmuls. With the advice the kernel
+    faults 2 MiB at a time. Buffers under :data:`EMPTY_LARGE_MIN_BYTES`, other devices, systems without
+    transparent huge pages and ``MOE_LAB_HUGE_PAGES=0`` get a plain ``torch.empty``.
+
+    >>> empty_large((2, 3), torch.zeros(1)).shape
+    torch.Size([2, 3])
+    """
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if (
+        out.device.type == "cpu"
+        and out.numel() * out.element_size() >= EMPTY_LARGE_MIN_BYTES
+        and huge_pages_available()
+    ):
+        _advise_range(out)
+    return out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lab.nn.experts import _empty_large
+from moe_lab.nn.huge_pages import empty_large
 from moe_lab.nn.router import RoutingDecision
 
 __all__ = [
@@ -48,7 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             and not torch.is_autocast_enabled(h_ND.device.type)
         )
         if plain:  # one fresh buffer (huge pages on Linux) instead of the allocator's 4 KiB page faults
-            logits_NV = torch.mm(h_ND, w_VD.t(), out=_empty_large((n, v), h_ND))
+            logits_NV = torch.mm(h_ND, w_VD.t(), out=empty_large((n, v), h_ND))
         else:
             logits_NV = torch.mm(h_ND, w_VD.t())
         valid_N = target_N != -100
@@ -56,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cdt = torch.promote_types(logits_NV.dtype, torch.float32)  # loss dtype: float32 at least
         rows = max(1, min(n, _CE_CHUNK_BYTES // (4 * v)))
         like = torch.empty(0, dtype=cdt, device=h_ND.device)
-        exp_NV = _empty_large((n, v) if keep_exp else (rows, v), like)
+        exp_NV = empty_large((n, v) if keep_exp else (rows, v), like)
         max_N1 = torch.empty(n, 1, dtype=cdt, device=h_ND.device)
         sum_N = torch.empty(n, dtype=cdt, device=h_ND.device)
         for i in range(0, n, rows):  # torch.logsumexp's steps, keeping the exponentials

@@ -71,23 +71,6 @@ class _Router(nn.Module):
             _require(False, f"router input must have shape [T, {self.hidden_size}], got {tuple(x_TD.shape)}")
         return F.linear(x_TD.float(), self.gate.weight.float())
 
-    def _selection_scores(self, scores_TE: Tensor) -> tuple[Tensor, bool]:
-        """``(scores + expert_bias, False)`` for the top-k selection, or ``(scores, True)`` when the bias is
-        all zero in eval mode (adding 0.0 changes no value, so the same experts are picked).
-
-        Whether the bias is zero is computed once per bias tensor and version (an in-place update, a load or
-        ``.to()`` invalidates it); in training the bias moves every step, so it is always added there.
-        """
-        bias = self.expert_bias
-        if not self.training:
-            cached = self.__dict__.get("_zero_bias")
-            if cached is None or cached[0] is not bias or cached[1] != bias._version:
-                cached = (bias, bias._version, not bool(bias.any()))
-                self.__dict__["_zero_bias"] = cached
-            if cached[2]:
-                return scores_TE.detach(), True
-        return scores_TE.detach() + bias.float(), False
-
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor, rate: float | None = None) -> None:
         """Aux-loss-free balancing step: ``bias += rate * sign(mean_load - load)``.
@@ -167,7 +150,7 @@ class TopKRouter(_Router):
             x_TD = x_TD * noise
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        select_TE, unbiased = self._selection_scores(probs_TE)
+        select_TE = probs_TE.detach() + self.expert_bias.float()
         return _token_choice_decision(
             logits_TE,
             probs_TE,
@@ -176,7 +159,6 @@ class TopKRouter(_Router):
             normalize=self.norm_topk_prob and self.top_k > 1,
             capacity_factor=self.current_capacity_factor(),
             token_mask=token_mask,
-            select_is_scores=unbiased,
         )
 
 
@@ -248,7 +230,7 @@ class SigmoidBiasRouter(_Router):
     def forward(self, x_TD: Tensor, token_mask: Tensor | None = None) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        select_TE, unbiased = self._selection_scores(scores_TE)
+        select_TE = scores_TE.detach() + self.expert_bias.float()
         return _token_choice_decision(
             logits_TE,
             scores_TE,
@@ -258,7 +240,6 @@ class SigmoidBiasRouter(_Router):
             capacity_factor=None,
             token_mask=token_mask,
             scale=self.routed_scaling_factor,
-            select_is_scores=unbiased,
         )
 
 

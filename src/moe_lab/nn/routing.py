@@ -150,19 +150,15 @@ def _token_choice_decision(
     capacity_factor: float | None,
     token_mask: Tensor | None,
     scale: float = 1.0,
-    select_is_scores: bool = False,
 ) -> RoutingDecision:
     """Shared top-k selection, optional renormalisation, capacity and padding handling.
 
-    ``select_is_scores``: ``select_TE`` holds the same values as ``probs_TE`` (no selection bias). Without
-    autograd the top-k values are then the chosen probabilities themselves (no gather) and the weights are
-    normalised in place: the same numbers with fewer ops (decoding).
+    Without autograd the weights are normalised and scaled in place (fresh tensors, nothing saved).
     """
     t, e = probs_TE.shape
     no_grad = not (probs_TE.requires_grad and torch.is_grad_enabled())
-    top = torch.topk(select_TE, top_k, dim=-1, sorted=True)
-    idx_TK = top.indices
-    weights_TK = top.values if select_is_scores and no_grad else probs_TE.gather(1, idx_TK)
+    idx_TK = torch.topk(select_TE, top_k, dim=-1, sorted=True).indices
+    weights_TK = probs_TE.gather(1, idx_TK)
     if normalize and no_grad:  # fresh tensors, nothing saved for backward: in place
         weights_TK = weights_TK.div_(weights_TK.sum(dim=-1, keepdim=True).clamp_min_(1e-20))
     elif normalize:

@@ -209,14 +209,7 @@ class Attention(nn.Module):
         if s == 1 and kv_cache is not None and not self.training and not torch.compiler.is_compiling():
             return self._decode_step(x_BSD, cos_BSD, sin_BSD, mask_B1SK, kv_cache)
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
-        if self.qk_norm == "full":
-            assert self.q_norm is not None and self.k_norm is not None
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_BSHD = q.view(b, s, self.num_heads, self.head_dim)
-        k_BSGD = k.view(b, s, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "per_head":
-            assert self.q_norm is not None and self.k_norm is not None
-            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        q_BSHD, k_BSGD = self._split_heads_qk(q, k, b, s)
         # with autograd: the same rotary numbers, a backward without cat/slice buffers (cos/sin constant)
         grad = torch.is_grad_enabled() and not (cos_BSD.requires_grad or sin_BSD.requires_grad)
         rotary = rotary_train if grad else apply_rotary
@@ -239,6 +232,18 @@ class Attention(nn.Module):
             enable_gqa=n_rep > 1,
         )
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def _split_heads_qk(self, q_BSX: Tensor, k_BSY: Tensor, b: int, s: int) -> tuple[Tensor, Tensor]:
+        """Projected queries/keys ``[B, S, H*Dh]`` / ``[B, S, G*Dh]`` -> per head, with the QK-norm applied."""
+        if self.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
+            q_BSX, k_BSY = self.q_norm(q_BSX), self.k_norm(k_BSY)
+        q_BSHD = q_BSX.view(b, s, self.num_heads, self.head_dim)
+        k_BSGD = k_BSY.view(b, s, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        return q_BSHD, k_BSGD
 
     def _fused_qkv(self) -> tuple[Tensor, Tensor | None]:
         """The q/k/v weights (and biases) concatenated, for gradient-free decoding (one matmul, not three).
@@ -274,19 +279,13 @@ class Attention(nn.Module):
         else:
             qkv = F.linear(x_B1D, *self._fused_qkv())
         qk, v = qkv[..., : (h + g) * dh], qkv[..., (h + g) * dh :]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = qk[..., : h * dh], qk[..., h * dh :]
-            if self.qk_norm == "full":
-                q, k = self.q_norm(q), self.k_norm(k)
-            else:  # per_head
-                q = self.q_norm(q.reshape(b, 1, h, dh)).view(b, 1, h * dh)
-                k = self.k_norm(k.reshape(b, 1, g, dh)).view(b, 1, g * dh)
-            qk = torch.cat((q, k), -1)
+        if self.q_norm is not None:
+            q_B1HD, k_B1GD = self._split_heads_qk(qk[..., : h * dh], qk[..., h * dh :], b, 1)
+            qk_B1ND = torch.cat((q_B1HD, k_B1GD), 2)
+        else:
+            qk_B1ND = qk.view(b, 1, h + g, dh)
         # queries and keys rotated together: one set of elementwise ops for both (same numbers per element)
-        qk_B1ND = qk.view(b, 1, h + g, dh)
-        half = dh // 2
-        rotated_B1ND = torch.cat((-qk_B1ND[..., half:], qk_B1ND[..., :half]), -1)
-        qk_B1ND = qk_B1ND * cos_B1D[:, :, None] + rotated_B1ND * sin_B1D[:, :, None]
+        qk_B1ND = qk_B1ND * cos_B1D[:, :, None] + rotate_half(qk_B1ND) * sin_B1D[:, :, None]
         k_BGKD, v_BGKD = kv_cache.update(
             self.layer_idx, qk_B1ND[:, :, h:].transpose(1, 2), v.view(b, 1, g, dh).transpose(1, 2)
         )
