@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moe_lab.nn import huge_pages
 from moe_lab.nn.experts import Experts
@@ -94,3 +94,106 @@ def test_environment_variable_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> N
     assert not huge_pages_available()
     lin = nn.Linear(1024, 1024)
     assert advise_huge_pages(lin) == 0
+
+
+# ------------------------------------------------------------------------------------------ buffer pool
+LARGE = huge_pages.EMPTY_LARGE_MIN_BYTES // 4  # float32 elements at the pool's threshold
+
+
+@pytest.fixture
+def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> huge_pages._BufferPool:
+    pool = huge_pages._BufferPool(256 << 20)
+    monkeypatch.setattr(huge_pages, "_pool", pool)
+    return pool
+
+
+@needs_thp
+def test_empty_large_reuses_a_freed_buffer_not_a_live_one(fresh_pool: huge_pages._BufferPool) -> None:
+    like = torch.zeros(1)
+    a = huge_pages.empty_large((2, LARGE), like)
+    assert a.shape == (2, LARGE) and a.data_ptr() % HUGE_PAGE_BYTES == 0
+    a_ptr = a.data_ptr()
+    b = huge_pages.empty_large((2, LARGE), like)
+    assert b.data_ptr() != a_ptr  # a is alive: its memory is not handed out again
+    a.fill_(3.0)
+    b.fill_(4.0)
+    assert bool((a == 3.0).all()) and bool((b == 4.0).all())
+    view = a[1]  # a view keeps the buffer in use after the tensor itself is gone
+    del a
+    c = huge_pages.empty_large((2, LARGE), like)
+    assert c.data_ptr() != a_ptr
+    del view, c
+    d = huge_pages.empty_large((2, LARGE), like)
+    assert d.data_ptr() == a_ptr  # free again: reused, no new mapping
+    assert fresh_pool.stats()["buffers"] == 3
+
+
+@needs_thp
+def test_empty_large_best_fit_and_no_oversized_reuse(fresh_pool: huge_pages._BufferPool) -> None:
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    big = huge_pages.empty_large((8 * LARGE,), like)  # 4x the threshold in bf16 elements -> 2x the bytes
+    big_ptr = big.data_ptr()
+    del big
+    small = huge_pages.empty_large((LARGE // 2,), like)  # under the threshold in bytes: plain torch.empty
+    assert small.data_ptr() != big_ptr
+    quarter = huge_pages.empty_large((2 * LARGE,), like)  # a quarter of the free buffer: not worth it
+    assert quarter.data_ptr() != big_ptr
+    half = huge_pages.empty_large((4 * LARGE,), like)  # half: taken
+    assert half.data_ptr() == big_ptr and half.dtype == torch.bfloat16
+
+
+@needs_thp
+def test_pool_limit_unmaps_free_buffers_and_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = huge_pages._BufferPool(8 * huge_pages.EMPTY_LARGE_MIN_BYTES)  # 128 MiB of free buffers at most
+    monkeypatch.setattr(huge_pages, "_pool", pool)
+    like = torch.zeros(1)
+    bufs = [huge_pages.empty_large((LARGE * (i + 1),), like) for i in range(3)]  # 16, 32, 48 MiB, all live
+    assert pool.stats()["buffers"] == 3 and pool.stats()["free_bytes"] == 0
+    del bufs
+    assert pool.stats()["free_buffers"] == 3
+    x = huge_pages.empty_large((LARGE * 7,), like)  # 112 MiB fits none: 48 and 32 MiB unmapped to stay at 128
+    stats = pool.stats()
+    assert stats["free_bytes"] == huge_pages.EMPTY_LARGE_MIN_BYTES and stats["buffers"] == 2
+    over = huge_pages.empty_large(
+        (LARGE * 9,), like
+    )  # 144 MiB, over the cap: a plain tensor, nothing unmapped
+    assert over.shape == (LARGE * 9,) and pool.stats() == stats
+    assert huge_pages.release_buffers() == stats["free_bytes"]
+    assert pool.stats() == {"buffers": 1, "bytes": x.numel() * 4, "free_buffers": 0, "free_bytes": 0}
+    del x
+    assert huge_pages.buffer_pool_stats()["free_buffers"] == 1
+
+
+def test_pool_off_and_bad_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huge_pages, "_pool", None)
+    monkeypatch.setenv("MOE_LAB_BUFFER_POOL_MB", "0")
+    t = huge_pages.empty_large((2, LARGE), torch.zeros(1))
+    assert t.shape == (2, LARGE) and huge_pages.buffer_pool_stats()["buffers"] == 0
+    monkeypatch.setattr(huge_pages, "_pool", None)
+    monkeypatch.setenv("MOE_LAB_BUFFER_POOL_MB", "lots")
+    with pytest.raises(ValueError, match="MOE_LAB_BUFFER_POOL_MB"):
+        huge_pages.buffer_pool_stats()
+
+
+def test_pooled_buffers_in_autograd_match_plain_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expert forward/backward through pooled buffers, twice (the second run reuses the first's memory),
+    equals the same computation with the pool off."""
+    torch.manual_seed(0)
+    experts = Experts(4, 256, 1024)
+    x = torch.randn(8192, 256)  # 8192 x 1024 hidden: 32 MiB buffers
+    counts = [1000, 3000, 192, 4000]
+
+    def run() -> tuple[Tensor, Tensor]:
+        experts.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = experts(xi, counts)
+        (y * torch.arange(y.shape[1], dtype=y.dtype)).sum().backward()
+        assert xi.grad is not None and experts.w1_EDF.grad is not None
+        return y.detach().clone(), experts.w1_EDF.grad.clone()
+
+    pooled = [run(), run()]
+    monkeypatch.setattr(huge_pages, "_pool", huge_pages._BufferPool(0))
+    plain = run()
+    for y, g in pooled:
+        torch.testing.assert_close(y, plain[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, plain[1], rtol=1e-5, atol=1e-5)

@@ -24,11 +24,10 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import sys
-from typing import Any
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -36,16 +35,17 @@ from torch import Tensor, nn
 __all__ = [
     "HUGE_PAGE_BYTES",
     "advise_huge_pages",
+    "buffer_pool_stats",
     "empty_large",
     "huge_page_empty",
     "huge_pages_available",
+    "release_buffers",
 ]
 
 HUGE_PAGE_BYTES = 2 << 20
 """Size of a transparent huge page on x86-64 and arm64 (4 KiB base pages)."""
 
 _available: bool | None = None
-_madvise: Any = None
 EMPTY_LARGE_MIN_BYTES = 8 * HUGE_PAGE_BYTES
 """Fresh buffers from 16 MiB on get the advice in :func:`empty_large`."""
 
@@ -132,41 +132,139 @@ def advise_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> in
     return moved
 
 
-def _advise_range(t: Tensor) -> None:
-    """``madvise(MADV_HUGEPAGE)`` on the whole 2 MiB blocks inside ``t``'s memory (advisory: failures ignored)."""
-    global _madvise
-    if _madvise is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return
-    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    start = -(-ptr // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    end = (ptr + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    if end > start:
-        _madvise(start, end - start, mmap.MADV_HUGEPAGE)
+class _BufferPool:
+    """Reusable huge-page buffers for :func:`empty_large` (CPU), so a training step's large temporaries are
+    page-faulted once per process instead of once per step.
+
+    A buffer is free again when no tensor uses its memory any more: the pool holds one reference to each
+    ``mmap`` area and every tensor made from it holds one through its storage, so the area's reference count
+    says whether it is in use (no hooks on tensor deallocation needed). A request takes the smallest free
+    buffer of at least the rounded-up size and at most twice it, else maps a new one. Free buffers beyond
+    ``limit_bytes`` in all are unmapped (largest first) before a new one is mapped.
+    """
+
+    _FREE_REFS = 3  # the pool's list entry, the local name in the scan, getrefcount's own argument
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._areas: list[tuple[int, mmap.mmap, int]] = []  # (usable bytes, area, offset of aligned start)
+        self._lock = threading.Lock()
+
+    def _is_free(self, entry: tuple[int, mmap.mmap, int]) -> bool:
+        area = entry[1]
+        return sys.getrefcount(area) <= self._FREE_REFS
+
+    def take(self, numel: int, dtype: torch.dtype) -> Tensor | None:
+        need = -(-numel * dtype.itemsize // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        with self._lock:
+            best: tuple[int, mmap.mmap, int] | None = None
+            free: list[tuple[int, mmap.mmap, int]] = []
+            for entry in self._areas:
+                if self._is_free(entry):
+                    free.append(entry)
+                    if need <= entry[0] <= 2 * need and (best is None or entry[0] < best[0]):
+                        best = entry
+            if best is None:
+                if need > self.limit_bytes:  # would overflow the cap of free memory once freed
+                    return None
+                idle = sum(e[0] for e in free)
+                for entry in sorted(free, key=lambda e: -e[0]):
+                    if idle + need <= self.limit_bytes:
+                        break
+                    self._areas.remove(entry)
+                    idle -= entry[0]
+                try:
+                    area = mmap.mmap(-1, need + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                    offset = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
+                    area.madvise(mmap.MADV_HUGEPAGE, offset, need)
+                except (OSError, ValueError, AttributeError, RuntimeError):
+                    return None
+                best = (need, area, offset)
+                self._areas.append(best)
+            _, area, offset = best
+            return torch.frombuffer(area, dtype=dtype, count=numel, offset=offset)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            free = [e for e in self._areas if self._is_free(e)]
+            return {
+                "buffers": len(self._areas),
+                "bytes": sum(e[0] for e in self._areas),
+                "free_buffers": len(free),
+                "free_bytes": sum(e[0] for e in free),
+            }
+
+    def release(self) -> int:
+        with self._lock:
+            free = [e for e in self._areas if self._is_free(e)]
+            for entry in free:
+                self._areas.remove(entry)
+            return sum(e[0] for e in free)
+
+
+def _pool_limit() -> int:
+    raw = os.environ.get("MOE_LAB_BUFFER_POOL_MB", "2048")
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"MOE_LAB_BUFFER_POOL_MB must be an integer number of MiB, got {raw!r}") from None
+    return max(mib, 0) << 20
+
+
+_pool: _BufferPool | None = None
+
+
+def _get_pool() -> _BufferPool:
+    global _pool
+    if _pool is None:
+        _pool = _BufferPool(_pool_limit())
+    return _pool
+
+
+def buffer_pool_stats() -> dict[str, int]:
+    """What :func:`empty_large`'s buffer pool holds: ``buffers``/``bytes`` in all, ``free_buffers``/``free_bytes``
+    not used by any tensor now.
+
+    >>> sorted(buffer_pool_stats())
+    ['buffers', 'bytes', 'free_buffers', 'free_bytes']
+    """
+    return _get_pool().stats()
+
+
+def release_buffers() -> int:
+    """Unmap every pooled :func:`empty_large` buffer no tensor uses now (e.g. after training, before
+    inference); returns the bytes given back to the system.
+
+    >>> release_buffers() >= 0
+    True
+    """
+    return _get_pool().release()
 
 
 def empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """``torch.empty`` like ``like`` (dtype, device); a large fresh CPU buffer is advised ``MADV_HUGEPAGE``.
+    """``torch.empty`` like ``like`` (dtype, device); large CPU buffers come from a pool of huge-page mappings.
 
-    A fresh allocation over glibc's mmap threshold (32 MiB) is page-faulted 4 KiB at a time on first touch;
-    for the fine-grained expert gradients that costs more than the matmuls. With the advice the kernel
-    faults 2 MiB at a time. Buffers under :data:`EMPTY_LARGE_MIN_BYTES`, other devices, systems without
-    transparent huge pages and ``MOE_LAB_HUGE_PAGES=0`` get a plain ``torch.empty``.
+    A fresh allocation over glibc's mmap threshold (32 MiB) is page-faulted 4 KiB at a time on first touch,
+    every time: for the fine-grained expert gradients that costs more than the matmuls, and it varies from
+    step to step. Buffers from :data:`EMPTY_LARGE_MIN_BYTES` on are instead taken from a process-wide pool of
+    2 MiB-aligned mappings advised ``MADV_HUGEPAGE`` and reused once no tensor uses them (the next training
+    step's temporaries of the same shapes fault nothing). Free pooled memory is capped by
+    ``MOE_LAB_BUFFER_POOL_MB`` (default 2048; 0 turns the pool off) and given back by
+    :func:`release_buffers`. Smaller buffers, other devices, systems without transparent huge pages and
+    ``MOE_LAB_HUGE_PAGES=0`` get a plain ``torch.empty``.
 
     >>> empty_large((2, 3), torch.zeros(1)).shape
     torch.Size([2, 3])
     """
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    numel = 1
+    for n in shape:
+        numel *= n
     if (
-        out.device.type == "cpu"
-        and out.numel() * out.element_size() >= EMPTY_LARGE_MIN_BYTES
+        like.device.type == "cpu"
+        and numel * like.element_size() >= EMPTY_LARGE_MIN_BYTES
         and huge_pages_available()
     ):
-        _advise_range(out)
-    return out
+        out = _get_pool().take(numel, like.dtype)
+        if out is not None:
+            return out.view(shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
