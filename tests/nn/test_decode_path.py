@@ -37,7 +37,7 @@ def _reference(x_TD: torch.Tensor, decision: RoutingDecision, experts: Experts) 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("t", [1, 8])
 @pytest.mark.parametrize(("e", "k"), [(4, 2), (8, 2), (8, 1), (6, 3)])
-@pytest.mark.parametrize("method", ["dense", "pairs", "grouped"])
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped", "padded"])
 def test_fp32_matches_dispatch_and_reference(seed: int, t: int, e: int, k: int, method: str) -> None:
     experts, router, x_TD = _setup(seed, t, e, k)
     with torch.no_grad():
@@ -52,7 +52,7 @@ def test_fp32_matches_dispatch_and_reference(seed: int, t: int, e: int, k: int, 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("t", [1, 8])
-@pytest.mark.parametrize("method", ["dense", "pairs", "grouped"])
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped", "padded"])
 def test_bf16_close_to_fp32_reference(seed: int, t: int, method: str) -> None:
     experts, router, x_TD = _setup(seed, t, 4, 2)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_bf16_close_to_fp32_reference(seed: int, t: int, method: str) -> None:
     torch.testing.assert_close(got.float(), grouped.float(), rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("method", ["dense", "pairs", "grouped"])
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped", "padded"])
 def test_gelu_experts_padding_and_dropped_slots_contribute_nothing(method: str) -> None:
     experts, _, x_TD = _setup(3, 8, 4, 1, activation="gelu")
     router = SwitchRouter(32, 4, capacity_factor=0.5)  # capacity 1 per expert: most slots dropped
@@ -92,6 +92,16 @@ def test_method_choice() -> None:
     assert small_batch_method(33, 2, 8, training=False) is None  # grouped dispatch
     assert small_batch_method(1, 2, 4, training=True) is None
     assert small_batch_method(0, 2, 4, training=False) is None
+    # several CPU threads: batched matmuls over all experts once most experts are touched
+    assert small_batch_method(8, 2, 8, training=False, num_threads=2) == "padded"
+    assert small_batch_method(4, 2, 8, training=False, num_threads=2) == "padded"  # 8 slots, 8 experts
+    assert (
+        small_batch_method(2, 2, 8, training=False, num_threads=2) == "pairs"
+    )  # 4 slots: few experts touched
+    assert small_batch_method(4, 8, 64, training=False, num_threads=2) == "grouped"  # 32 slots, 64 experts
+    assert small_batch_method(8, 8, 64, training=False, num_threads=2) == "padded"
+    assert small_batch_method(8, 2, 4, training=False, num_threads=2) == "dense"
+    assert small_batch_method(33, 2, 8, training=False, num_threads=2) is None
 
 
 @pytest.mark.parametrize("t", [8, 20])
@@ -101,8 +111,9 @@ def test_grouped_is_bit_identical_to_the_dispatch(t: int) -> None:
     with torch.no_grad():
         decision = router(x_TD)
         assert torch.equal(
-            small_batch_moe(x_TD, decision, experts), dispatch_combine(x_TD, decision, experts)
-        )
+            small_batch_moe(x_TD, decision, experts, "grouped"),
+            dispatch_combine(x_TD, decision, experts, "grouped_mm"),
+        )  # "auto" may pick the padded layout (several threads), which rounds differently
         odd = Experts(8, 30, 50, init_std=0.2)  # rows not 16-byte multiples: the per-expert loop branch
         x30 = x_TD[:, :30].contiguous()
         d30 = TopKRouter(30, 8, top_k=2)(x30)

@@ -187,7 +187,9 @@ class MoELayer(nn.Module):
         method = None  # small T in eval (decoding): plain small-batch path, see moe_lab.nn.decode_path
         if self.impl != "capacity" and type(self.experts) is Experts:
             k = decision.expert_indices.shape[1]
-            method = small_batch_method(x_TD.shape[0], k, self.num_experts, self.training)
+            # "padded" (batched matmuls over all experts) only for impl="auto" on CPU: "loop" keeps plain matmuls
+            threads = torch.get_num_threads() if x_TD.device.type == "cpu" and self.impl == "auto" else 1
+            method = small_batch_method(x_TD.shape[0], k, self.num_experts, self.training, threads)
         if method is not None:
             out_TD = small_batch_moe(x_TD, decision, self.experts, method, impl=self.impl)
         else:
