@@ -160,6 +160,42 @@ class MoEModel(nn.Module):
         return self
 
     # ---- construction ------------------------------------------------------------------------------
+    DECODE_HEAD_MAX_BYTES = 256 << 20
+    """Largest output projection that :meth:`_decode_head` keeps a transposed copy of (the copy costs as much
+    memory as the projection); set the class or instance attribute to 0 to turn the copy off."""
+
+    def _decode_head(self, h_BSD: Tensor) -> Tensor | None:
+        """``lm_head.weight`` transposed to ``[D, V]`` and contiguous, for one or two rows on CPU without
+        autograd (greedy or sampled decoding at batch 1-2), else None.
+
+        A matrix-vector product over the ``[V, D]`` weight reduces along its rows; over the ``[D, V]`` copy it
+        accumulates whole rows with vector FMAs, which on CPU is 2-3x faster for one or two rows (measured:
+        4096 x 256 weight, 0.72 ms -> 0.25 ms at one row; from four rows both layouts cost the same). The copy
+        is made on first use and again whenever the weight changes (its storage or version counter).
+        """
+        head = self.lm_head
+        w_VD = head.weight
+        if (
+            h_BSD.shape[0] * h_BSD.shape[1] > 2
+            or w_VD.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or type(head) is not nn.Linear
+            or head.bias is not None
+            or head._forward_hooks
+            or head._forward_pre_hooks
+            or w_VD.dtype != h_BSD.dtype
+            or w_VD.numel() * w_VD.element_size() > self.DECODE_HEAD_MAX_BYTES
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+        ):
+            return None
+        key = (w_VD.data_ptr(), w_VD._version, w_VD.dtype, tuple(w_VD.shape))
+        cached = self.__dict__.get("_decode_head_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, w_VD.detach().t().contiguous())
+            self.__dict__["_decode_head_cache"] = cached
+        return cached[1]
+
     def _init_weights(self) -> None:
         std = self.config.init_std
         moe_ids = {id(m) for layer in self.moe_layers() for m in layer.modules()}  # MoELayer inits itself
@@ -359,7 +395,12 @@ class MoEModel(nn.Module):
         if logits_to_keep and logits_to_keep < s:
             h_BSD = h_BSD[:, -logits_to_keep:]
         target_BS = None if labels is None else next_token_targets(labels.to(device), token_mask_BS)
-        logits, lm_total = lm_head_cross_entropy(self.lm_head, self.norm(h_BSD), target_BS)
+        h_BSD = self.norm(h_BSD)
+        head_DV = self._decode_head(h_BSD) if target_BS is None else None
+        if head_DV is not None:
+            logits, lm_total = h_BSD @ head_DV, None
+        else:
+            logits, lm_total = lm_head_cross_entropy(self.lm_head, h_BSD, target_BS)
 
         if self.training or labels is not None:
             aux, z = self._router_losses(routing, logits)
