@@ -243,3 +243,31 @@ def test_fused_qkv_cache_follows_weight_changes_and_grad_mode() -> None:
     assert all(p.grad is not None for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.bias))
     torch.testing.assert_close(with_grad.detach(), after, rtol=0, atol=1e-6)
     assert not any("qkv" in name for name in attn.state_dict())  # the fused copy is never saved
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_head_copy_matches_lm_head_and_follows_weight_changes(tie: bool) -> None:
+    torch.manual_seed(3)
+    model = MoEModel.from_preset("tiny", tie_embeddings=tie).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+
+    def plain_logits() -> torch.Tensor:  # the same forward with the copy turned off
+        model.DECODE_HEAD_MAX_BYTES = 0
+        try:
+            return model(ids, logits_to_keep=1).logits
+        finally:
+            del model.DECODE_HEAD_MAX_BYTES
+
+    with torch.no_grad():
+        fast = model(ids, logits_to_keep=1).logits
+        assert "_decode_head_cache" in model.__dict__  # one row, no autograd: the [D, V] copy was used
+        torch.testing.assert_close(fast, plain_logits(), rtol=1e-5, atol=1e-5)
+        model.lm_head.weight.mul_(-1.5)  # in place: the copy must be rebuilt
+        torch.testing.assert_close(model(ids, logits_to_keep=1).logits, plain_logits(), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(ids, logits_to_keep=1).logits, fast)
+        three = model(torch.cat([ids, ids, ids]), logits_to_keep=1).logits  # 3 rows: plain projection
+        torch.testing.assert_close(three[0], plain_logits()[0], rtol=1e-5, atol=1e-5)
+    out = model(ids, logits_to_keep=1).logits  # grad mode: the real weight, gradients reach it
+    out.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    assert not any("decode_head" in name for name in model.state_dict())
