@@ -144,14 +144,14 @@ def test_empty_large_best_fit_and_no_oversized_reuse(fresh_pool: huge_pages._Buf
 
 @needs_thp
 def test_pool_limit_unmaps_free_buffers_and_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    pool = huge_pages._BufferPool(8 * huge_pages.EMPTY_LARGE_MIN_BYTES)  # 128 MiB of free buffers at most
+    pool = huge_pages._BufferPool(8 * huge_pages.EMPTY_LARGE_MIN_BYTES)  # 8 units of free buffers at most
     monkeypatch.setattr(huge_pages, "_pool", pool)
     like = torch.zeros(1)
-    bufs = [huge_pages.empty_large((LARGE * (i + 1),), like) for i in range(3)]  # 16, 32, 48 MiB, all live
+    bufs = [huge_pages.empty_large((LARGE * (i + 1),), like) for i in range(3)]  # 1, 2, 3 units, all live
     assert pool.stats()["buffers"] == 3 and pool.stats()["free_bytes"] == 0
     del bufs
     assert pool.stats()["free_buffers"] == 3
-    x = huge_pages.empty_large((LARGE * 7,), like)  # 112 MiB fits none: 48 and 32 MiB unmapped to stay at 128
+    x = huge_pages.empty_large((LARGE * 7,), like)  # 7 units fit none: the 3- and 2-unit ones go (cap 8)
     stats = pool.stats()
     assert stats["free_bytes"] == huge_pages.EMPTY_LARGE_MIN_BYTES and stats["buffers"] == 2
     over = huge_pages.empty_large(
@@ -180,7 +180,7 @@ def test_pooled_buffers_in_autograd_match_plain_allocation(monkeypatch: pytest.M
     equals the same computation with the pool off."""
     torch.manual_seed(0)
     experts = Experts(4, 256, 1024)
-    x = torch.randn(8192, 256)  # 8192 x 1024 hidden: 32 MiB buffers
+    x = torch.randn(8192, 256)  # 8192 x 1024 hidden: 32 MiB buffers, from the pool
     counts = [1000, 3000, 192, 4000]
 
     def run() -> tuple[Tensor, Tensor]:
