@@ -107,6 +107,35 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _PooledBMM(torch.autograd.Function):
+    """``torch.bmm(a, b)`` whose output and gradients are :func:`~moe_lab.nn.huge_pages.empty_large` buffers
+    (CPU: reused, not page-faulted anew each step; the padded expert layout's weight gradients are E full
+    weight matrices)."""
+
+    @staticmethod
+    def forward(ctx: Any, a_EMK: Tensor, b_EKN: Tensor) -> Tensor:
+        ctx.save_for_backward(a_EMK, b_EKN)
+        out = empty_large((a_EMK.shape[0], a_EMK.shape[1], b_EKN.shape[2]), a_EMK)
+        return torch.bmm(a_EMK, b_EKN, out=out)
+
+    @staticmethod
+    def backward(ctx: Any, g_EMN: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        a_EMK, b_EKN = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.bmm(g_EMN, b_EKN.transpose(1, 2), out=empty_large(tuple(a_EMK.shape), g_EMN))
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.bmm(a_EMK.transpose(1, 2), g_EMN, out=empty_large(tuple(b_EKN.shape), g_EMN))
+        return grad_a, grad_b
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched matmul; with autograd on CPU through :class:`_PooledBMM` (same numbers)."""
+    if a.device.type == "cpu" and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _PooledBMM.apply(a, b)
+    return torch.bmm(a, b)
+
+
 def grouped_matmul(
     x_ND: Tensor, w_EXY: Tensor, counts: list[int], offs_E: Tensor | None, impl: str
 ) -> Tensor:
@@ -268,9 +297,9 @@ class Experts(nn.Module):
 
     def forward_capacity(self, x_ECD: Tensor) -> Tensor:
         """Fixed-capacity layout: ``x_ECD`` (C slots per expert, unused slots zero) -> ``[E, C, D]``."""
-        h1 = torch.bmm(x_ECD, self.w1_EDF.to(x_ECD.dtype))
-        h3 = torch.bmm(x_ECD, self.w3_EDF.to(x_ECD.dtype)) if self.w3_EDF is not None else None
-        return torch.bmm(self._hidden(h1, h3), self.w2_EFD.to(x_ECD.dtype))
+        h1 = _bmm(x_ECD, self.w1_EDF.to(x_ECD.dtype))
+        h3 = _bmm(x_ECD, self.w3_EDF.to(x_ECD.dtype)) if self.w3_EDF is not None else None
+        return _bmm(self._hidden(h1, h3), self.w2_EFD.to(x_ECD.dtype))
 
     def extra_repr(self) -> str:
         return (
