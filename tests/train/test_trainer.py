@@ -243,3 +243,23 @@ def test_save_model_round_trip(tmp_path, make_tiny_model, make_data):
     x = make_data(n=2)
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     assert load_tokenizer(str(path)).vocab_size == 259
+
+
+def test_train_gives_pooled_temporaries_back(monkeypatch):
+    """Large CPU temporaries come from moe_lab.nn.huge_pages' pool during training; train() unmaps the free
+    ones at the end, so a long-lived process does not keep a step's worth of buffers."""
+    from moe_lab.models import MoEModel
+    from moe_lab.nn import huge_pages
+
+    pool = huge_pages._BufferPool(1 << 30)
+    monkeypatch.setattr(huge_pages, "_pool", pool)
+    monkeypatch.setattr(huge_pages, "_available", True)
+    taken = []
+    real_take = pool.take
+    monkeypatch.setattr(pool, "take", lambda numel, dtype: taken.append(numel) or real_take(numel, dtype))
+    torch.manual_seed(0)
+    model = MoEModel.from_preset("tiny", vocab_size=8192)  # logits of 8 x 16 x 8192 float32: 4 MiB
+    data = torch.randint(0, 8192, (16, 16))
+    MoETrainer(model, console=False).train(data, max_steps=2, batch_size=8)
+    assert taken  # the fused loss's buffers were pooled
+    assert pool.stats()["free_bytes"] == 0

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_lab.nn.huge_pages import release_buffers
 from moe_lab.parallel import (
     ParallelConfig,
     is_distributed_checkpoint,
@@ -281,6 +282,7 @@ class MoETrainer:
             summary.update(extra)
             summary["total_steps"] = self.total_steps
             self.run_dir.write_summary(summary)
+        release_buffers()  # the step's pooled temporaries are free now: give their memory back
         return result
 
     @torch.no_grad()
