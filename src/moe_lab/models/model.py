@@ -43,6 +43,7 @@ from moe_lab.nn.transformer import (
     RMSNorm,
     RotaryEmbedding,
     build_attention_mask,
+    cached_copy,
 )
 
 __all__ = ["MoEModel", "MoEOutput"]
@@ -189,12 +190,7 @@ class MoEModel(nn.Module):
             or torch.jit.is_tracing()
         ):
             return None
-        key = (w_VD.data_ptr(), w_VD._version, w_VD.dtype, tuple(w_VD.shape))
-        cached = self.__dict__.get("_decode_head_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, w_VD.detach().t().contiguous())
-            self.__dict__["_decode_head_cache"] = cached
-        return cached[1]
+        return cached_copy(self, "_decode_head_cache", [w_VD], lambda: w_VD.detach().t().contiguous())
 
     def _init_weights(self) -> None:
         std = self.config.init_std

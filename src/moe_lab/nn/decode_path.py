@@ -197,11 +197,8 @@ def _padded(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor
     row_N = torch.where(decision.slot_mask.reshape(-1), row_N, e * cap)
     x_RD = x_TD.new_zeros(e * cap + 1, d)
     x_RD.index_copy_(0, row_N, x_TD.repeat_interleave(k, 0))
-    x_ECD = x_RD[:-1].view(e, cap, d)
-    w3_EDF = experts.w3_EDF
-    h3_ECF = torch.bmm(x_ECD, _cast(w3_EDF, dtype)) if w3_EDF is not None else None
-    h_ECF = experts._hidden(torch.bmm(x_ECD, _cast(experts.w1_EDF, dtype)), h3_ECF)
-    y_RD = torch.cat([torch.bmm(h_ECF, _cast(experts.w2_EFD, dtype)).view(e * cap, d), x_RD.new_zeros(1, d)])
+    y_ECD = experts.forward_capacity(x_RD[:-1].view(e, cap, d))
+    y_RD = torch.cat([y_ECD.view(e * cap, d), x_RD.new_zeros(1, d)])
     w_N1 = _cast(decision.combine_weights, dtype).reshape(-1, 1)
     return (y_RD.index_select(0, row_N) * w_N1).view(t, k, d).sum(1)
 

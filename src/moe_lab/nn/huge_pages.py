@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -67,6 +68,18 @@ def huge_pages_available() -> bool:
     return _available
 
 
+def _map_aligned(nbytes: int, advise_bytes: int) -> tuple[mmap.mmap, int]:
+    """A private anonymous mapping with room for ``nbytes`` from a 2 MiB boundary, and that boundary's offset;
+    the first ``advise_bytes`` from it are advised ``MADV_HUGEPAGE`` (raises OSError/ValueError on failure)."""
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    offset = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
+    area.madvise(mmap.MADV_HUGEPAGE, offset, advise_bytes)
+    return area, offset
+
+
+_MAP_ERRORS = (OSError, ValueError, AttributeError, RuntimeError)
+
+
 def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised contiguous CPU tensor that starts on a 2 MiB boundary, advised ``MADV_HUGEPAGE``.
 
@@ -77,19 +90,15 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     >>> huge_page_empty((4, 8), torch.float32).shape
     torch.Size([4, 8])
     """
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
     if nbytes < HUGE_PAGE_BYTES or not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
     try:
-        area = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        offset = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
-        area.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
+        area, offset = _map_aligned(nbytes, nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES)
         # the tensor keeps ``area`` alive; the mapping is unmapped when the storage is freed
         return torch.frombuffer(area, dtype=dtype, count=numel, offset=offset).view(shape)
-    except (OSError, ValueError, AttributeError, RuntimeError):
+    except _MAP_ERRORS:
         return torch.empty(shape, dtype=dtype)
 
 
@@ -174,10 +183,8 @@ class _BufferPool:
                     self._areas.remove(entry)
                     idle -= entry[0]
                 try:
-                    area = mmap.mmap(-1, need + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                    offset = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
-                    area.madvise(mmap.MADV_HUGEPAGE, offset, need)
-                except (OSError, ValueError, AttributeError, RuntimeError):
+                    area, offset = _map_aligned(need, need)
+                except _MAP_ERRORS:
                     return None
                 best = (need, area, offset)
                 self._areas.append(best)
@@ -257,9 +264,7 @@ def empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
     >>> empty_large((2, 3), torch.zeros(1)).shape
     torch.Size([2, 3])
     """
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     if (
         like.device.type == "cpu"
         and numel * like.element_size() >= EMPTY_LARGE_MIN_BYTES

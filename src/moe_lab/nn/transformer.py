@@ -20,6 +20,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,9 +39,31 @@ __all__ = [
     "RotaryEmbedding",
     "apply_rotary",
     "build_attention_mask",
+    "cached_copy",
     "repeat_kv",
     "rotate_half",
 ]
+
+
+_T = TypeVar("_T")
+
+
+def cached_copy(owner: nn.Module, slot: str, sources: Sequence[Tensor], build: Callable[[], _T]) -> _T:
+    """A value derived from ``sources`` (e.g. a fused or transposed copy of weights for decoding), kept in
+    ``owner.__dict__[slot]``, so never in the state dict, and rebuilt when any source changes: another tensor
+    (load, ``.to``) or an in-place update (optimizer step, ``copy_``), seen through its storage pointer,
+    version counter, dtype, device and shape.
+
+    >>> lin = nn.Linear(3, 2)
+    >>> w_t = cached_copy(lin, "_w_t", [lin.weight], lambda: lin.weight.detach().t().contiguous())
+    >>> w_t is cached_copy(lin, "_w_t", [lin.weight], lambda: lin.weight.detach().t().contiguous())
+    True
+    """
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__[slot] = (key, build())
+    return cached[1]
 
 
 class RMSNorm(nn.Module):
@@ -256,13 +281,13 @@ class Attention(nn.Module):
         """
         projs = (self.q_proj, self.k_proj, self.v_proj)
         params = [t for m in projs for t in (m.weight, m.bias) if t is not None]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
-        cached = self.__dict__.get("_qkv_cache")
-        if cached is None or cached[0] != key:
+
+        def build() -> tuple[Tensor, Tensor | None]:
             w = torch.cat([m.weight for m in projs]).detach().t().contiguous()
             bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projs]).detach()
-            cached = self.__dict__["_qkv_cache"] = (key, w, bias)
-        return cached[1], cached[2]
+            return w, bias
+
+        return cached_copy(self, "_qkv_cache", params, build)
 
     def _decode_step(
         self, x_B1D: Tensor, cos_B1D: Tensor, sin_B1D: Tensor, mask_B11K: Tensor | None, kv_cache: KVCache
