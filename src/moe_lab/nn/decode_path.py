@@ -13,7 +13,9 @@ picks one, or None: keep the grouped dispatch):
 * ``"pairs"``: a Python loop over the kept (token, expert) slots, three matrix-vector products each; used
   for 1-2 tokens with many experts, where only the selected experts' weights are read.
 * ``"padded"``: with several CPU threads and most experts touched, each expert's slots in a zero-padded
-  ``[E, C, D]`` block (C = the largest expert load) and one batched matmul per weight over all experts.
+  ``[E', C, D]`` block (C = the largest expert load) and one batched matmul per weight over the touched
+  experts (E' of them: a strided view from the first to the last touched expert, no weight copy); the
+  layout comes from the expert ids read once to the host.
 * ``"grouped"``: the grouped dispatch's arithmetic (slots sorted by expert, one matmul per expert block
   and weight, weighted ``index_add``) without its training machinery (autograd functions, offset
   tensors, dtype casts); used for the remaining decode-sized batches (``T * K <= 64``), e.g. 8 sequences
@@ -38,8 +40,10 @@ Example:
 from __future__ import annotations
 
 from itertools import accumulate
+from math import gcd
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_lab.nn.experts import Experts, grouped_mm_supported
@@ -180,27 +184,75 @@ def _grouped(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: st
     return x_TD.new_zeros(t, d).index_add_(0, token_N, y_ND * w_N[:, None])
 
 
+def _expert_views(experts: Experts, first: int, step: int, n: int) -> list[Tensor | None]:
+    """Experts ``first, first + step, ...`` (n of them) of each stacked weight as a strided view (no copy).
+
+    >>> ex = Experts(6, 4, 8)
+    >>> w1 = _expert_views(ex, 1, 3, 2)[0]
+    >>> w1.shape, bool(torch.equal(w1[1], ex.w1_EDF[4]))
+    (torch.Size([2, 4, 8]), True)
+    """
+    views: list[Tensor | None] = []
+    for weight in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD):
+        if weight is None or (first == 0 and step == 1 and n == weight.shape[0]):
+            views.append(weight)
+            continue
+        w: Tensor = weight if weight.is_contiguous() else weight.contiguous()
+        rows, cols = w.shape[1], w.shape[2]
+        offset = w.storage_offset() + first * rows * cols
+        views.append(w.as_strided((n, rows, cols), (step * rows * cols, cols, 1), offset))
+    return views
+
+
 def _padded(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
     t, d = x_TD.shape
     k = decision.expert_indices.shape[1]
     e, dtype = experts.num_experts, x_TD.dtype
-    # slot n = (token n // k, its k-th choice); its row inside its expert's block = earlier slots of that expert
-    idx_N = decision.expert_indices.reshape(-1)
-    onehot_NE = torch.zeros(t * k, e, dtype=torch.int32, device=x_TD.device)
-    onehot_NE.scatter_(1, idx_N[:, None], decision.slot_mask.reshape(-1, 1).to(torch.int32))
-    rank_NE = onehot_NE.cumsum(0)
-    cap = int(rank_NE[-1].max())
-    if cap == 0:
+    # the layout is worked out on the host from the (few) expert ids: one read of them instead of a dozen
+    # small tensor ops (one-hot, cumsum, gathers, scatters); a dropped slot has id -1
+    sel = torch.where(decision.slot_mask, decision.expert_indices, -1).reshape(-1).tolist()
+    loads = [0] * e
+    rank = [0] * len(sel)
+    for n, ex in enumerate(sel):
+        if ex >= 0:
+            rank[n] = loads[ex]
+            loads[ex] += 1
+    touched = [j for j in range(e) if loads[j]]
+    if not touched:
         return torch.zeros_like(x_TD)
-    # kept slot -> row (expert * cap + rank - 1); dropped slots -> one spare zero row at the end
-    row_N = idx_N * cap + rank_NE.gather(1, idx_N[:, None]).squeeze(1) - 1
-    row_N = torch.where(decision.slot_mask.reshape(-1), row_N, e * cap)
-    x_RD = x_TD.new_zeros(e * cap + 1, d)
-    x_RD.index_copy_(0, row_N, x_TD.repeat_interleave(k, 0))
-    y_ECD = experts.forward_capacity(x_RD[:-1].view(e, cap, d))
-    y_RD = torch.cat([y_ECD.view(e * cap, d), x_RD.new_zeros(1, d)])
+    # only touched experts' weights are read: the blocks are experts first, first + step, ..., last (a
+    # strided view of the stacked weights; one or two experts always fit exactly, more may take untouched
+    # ones in between, whose blocks are computed but never read)
+    first, step = touched[0], 0
+    for j in touched[1:]:
+        step = gcd(step, j - first)
+    step = max(step, 1)
+    blocks = [loads[j] for j in range(first, touched[-1] + 1, step)]
+    n_e, cap = len(blocks), max(blocks)
+    dropped = len(sel) - sum(loads)
+    if dropped and min(blocks) == cap:
+        cap += 1  # a dropped slot reads a padding row: with every block full, add one
+    # row r of the [n_e * cap] layout holds token src[r] (row t of x padded with one zero row: padding).
+    # A zero row's output is exactly zero (bias-free experts, act(0) = 0): dropped slots read one.
+    src = [t] * (n_e * cap)
+    row = [next(i * cap + n for i, n in enumerate(blocks) if n < cap) if dropped else 0] * len(sel)
+    for n, ex in enumerate(sel):
+        if ex >= 0:
+            row[n] = (ex - first) // step * cap + rank[n]
+            src[row[n]] = n // k
+    device = x_TD.device
+    if t == 1 and not dropped:  # one token: each block is that token (cap 1)
+        x_ECD = x_TD.expand(n_e, 1, d)
+    else:
+        x_ECD = F.pad(x_TD, (0, 0, 0, 1)).index_select(0, torch.tensor(src, device=device)).view(n_e, cap, d)
+    w1, w3, w2 = (None if w is None else _cast(w, dtype) for w in _expert_views(experts, first, step, n_e))
+    assert w1 is not None and w2 is not None
+    h3 = torch.bmm(x_ECD, w3) if w3 is not None else None
+    y_RD = torch.bmm(experts._hidden(torch.bmm(x_ECD, w1), h3), w2).view(n_e * cap, d)
+    if row != list(range(n_e * cap)):  # the usual case at one token and k blocks needs no gather
+        y_RD = y_RD.index_select(0, torch.tensor(row, device=device))
     w_N1 = _cast(decision.combine_weights, dtype).reshape(-1, 1)
-    return (y_RD.index_select(0, row_N) * w_N1).view(t, k, d).sum(1)
+    return (y_RD * w_N1).view(t, k, d).sum(1)
 
 
 def small_batch_moe(
