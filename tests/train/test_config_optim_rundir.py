@@ -11,7 +11,7 @@ import torch
 from moe_lab.config import ConfigError
 from moe_lab.train import RunConfig, TrainConfig
 from moe_lab.train.callbacks import EarlyStopping, create_callback, register_callback
-from moe_lab.train.optim import lr_factor, param_groups
+from moe_lab.train.optim import build_optimizer, fused_supported, lr_factor, param_groups
 from moe_lab.train.rundir import MetricsWriter, RunDir, RunExistsError, read_metrics
 
 
@@ -70,6 +70,43 @@ def test_param_groups_split():
         "no_decay": ["0.weight", "1.bias", "2.weight", "2.bias"],
         "router": [],
     }
+
+
+def test_optimizer_is_fused_on_cpu_and_steps_like_the_reference_loop(make_tiny_model, make_data):
+    """The fused AdamW that build_optimizer picks on CPU against torch's per-parameter loop (the reference):
+    same groups, same rates, the same parameters after several steps up to float rounding."""
+    cfg = TrainConfig(learning_rate=3e-3, weight_decay=0.1, router_learning_rate=1e-3)
+    fused_model, loop_model = make_tiny_model(seed=3), make_tiny_model(seed=3)
+    fused = build_optimizer(fused_model, cfg)
+    assert fused.defaults["fused"] is True
+    loop = build_optimizer(loop_model, cfg)
+    keys = ("params", "lr", "weight_decay", "betas", "eps")
+    ref = torch.optim.AdamW(  # the same groups and settings, torch's per-parameter loop
+        [{k: g[k] for k in keys} for g in loop.param_groups], foreach=False, fused=False
+    )
+    assert ref.defaults["fused"] is False and all(not g["fused"] for g in ref.param_groups)
+    assert [g["weight_decay"] for g in fused.param_groups] == [g["weight_decay"] for g in ref.param_groups]
+    data = make_data(n=8, seq=16)
+    for step in range(5):
+        for model, opt in ((fused_model, fused), (loop_model, ref)):
+            opt.zero_grad(set_to_none=True)
+            model(data[step : step + 4], labels=data[step : step + 4]).loss.backward()
+            opt.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    moved = sum(
+        float((a - b).detach().abs().sum())
+        for a, b in zip(fused_model.parameters(), make_tiny_model(seed=3).parameters())
+    )
+    assert moved > 0.0
+
+
+def test_fused_supported_only_for_plain_tensors_on_one_device():
+    p = torch.zeros(3, requires_grad=True)
+    assert fused_supported([p, torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)])
+    assert not fused_supported([])
+    assert not fused_supported([torch.zeros(2, dtype=torch.int64)])
+    assert not fused_supported([torch.zeros(2, device="meta")])
 
 
 def test_rundir_create_refuses_and_overwrites(tmp_path):

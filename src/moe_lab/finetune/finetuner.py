@@ -40,7 +40,7 @@ from moe_lab.config import Config
 from moe_lab.finetune.instruct import InstructDataset, InstructExample
 from moe_lab.finetune.lora import LoRAConfig, MoELoRA, apply_lora
 from moe_lab.train import Callback, MoETrainer, TrainConfig, TrainingResult
-from moe_lab.train.optim import param_groups
+from moe_lab.train.optim import adamw, param_groups
 
 __all__ = ["FREEZE_GROUPS", "FineTuneConfig", "FineTuner", "freeze_parameters", "matches_group"]
 
@@ -155,7 +155,7 @@ def build_finetune_optimizer(model: nn.Module, train: TrainConfig, ft: FineTuneC
     ]
     if not out:
         raise ValueError("nothing to train: every parameter is frozen")
-    return torch.optim.AdamW(out, lr=ft.learning_rate, betas=train.betas, eps=train.eps)
+    return adamw(out, lr=ft.learning_rate, betas=train.betas, eps=train.eps)
 
 
 class _SaveLoRAConfig(Callback):
