@@ -265,8 +265,12 @@ def test_decode_head_copy_matches_lm_head_and_follows_weight_changes(tie: bool) 
         model.lm_head.weight.mul_(-1.5)  # in place: the copy must be rebuilt
         torch.testing.assert_close(model(ids, logits_to_keep=1).logits, plain_logits(), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(model(ids, logits_to_keep=1).logits, fast)
-        three = model(torch.cat([ids, ids, ids]), logits_to_keep=1).logits  # 3 rows: plain projection
-        torch.testing.assert_close(three[0], plain_logits()[0], rtol=1e-5, atol=1e-5)
+        eight = model(ids.repeat(8, 1), logits_to_keep=1).logits  # 8 rows: the copy too
+        torch.testing.assert_close(eight, plain_logits().expand(8, -1, -1), rtol=1e-5, atol=1e-5)
+        del model.__dict__["_decode_head_cache"]
+        many = model(ids.repeat(model.DECODE_HEAD_MAX_ROWS + 1, 1), logits_to_keep=1).logits
+        assert "_decode_head_cache" not in model.__dict__  # more rows: the plain projection
+        torch.testing.assert_close(many[0], plain_logits()[0], rtol=1e-5, atol=1e-5)
     out = model(ids, logits_to_keep=1).logits  # grad mode: the real weight, gradients reach it
     out.sum().backward()
     assert model.lm_head.weight.grad is not None

@@ -165,19 +165,23 @@ class MoEModel(nn.Module):
     """Largest output projection that :meth:`_decode_head` keeps a transposed copy of (the copy costs as much
     memory as the projection); set the class or instance attribute to 0 to turn the copy off."""
 
+    DECODE_HEAD_MAX_ROWS = 16
+    """Most rows (batch x kept positions) that :meth:`_decode_head`'s copy serves."""
+
     def _decode_head(self, h_BSD: Tensor) -> Tensor | None:
-        """``lm_head.weight`` transposed to ``[D, V]`` and contiguous, for one or two rows on CPU without
-        autograd (greedy or sampled decoding at batch 1-2), else None.
+        """``lm_head.weight`` transposed to ``[D, V]`` and contiguous, for up to ``DECODE_HEAD_MAX_ROWS``
+        rows on CPU without autograd (greedy or sampled decoding at batch 1-16), else None.
 
         A matrix-vector product over the ``[V, D]`` weight reduces along its rows; over the ``[D, V]`` copy it
-        accumulates whole rows with vector FMAs, which on CPU is 2-3x faster for one or two rows (measured:
-        4096 x 256 weight, 0.72 ms -> 0.25 ms at one row; from four rows both layouts cost the same). The copy
-        is made on first use and again whenever the weight changes (its storage or version counter).
+        accumulates whole rows with vector FMAs, which on CPU is faster for a few rows (measured, 4096 x 256
+        weight, 2 threads, caches cold as in decoding: 1 row 147 -> 112 us, 8 rows 243 -> 197 us, 16 rows
+        432 -> 317 us; 2026-11-29 on another host, 1 row: 0.72 -> 0.25 ms). The copy is made on first use and
+        again whenever the weight changes (its storage or version counter).
         """
         head = self.lm_head
         w_VD = head.weight
         if (
-            h_BSD.shape[0] * h_BSD.shape[1] > 2
+            h_BSD.shape[0] * h_BSD.shape[1] > self.DECODE_HEAD_MAX_ROWS
             or w_VD.device.type != "cpu"
             or torch.is_grad_enabled()
             or type(head) is not nn.Linear
