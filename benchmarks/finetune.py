@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from moe_lab.bench import appending_enabled, record, write_records
+from moe_lab.train.optim import adamw
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -146,7 +147,9 @@ def make_step(
     model: torch.nn.Module, batches: list[torch.Tensor], kind: str
 ) -> tuple[Callable[[], float], int]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adamw(
+        [{"params": params}], lr=1e-4
+    )  # what the fine-tuner builds (fused where it applies), both sides
     model.train()
     it = {"i": 0}
 
