@@ -88,7 +88,7 @@ def test_router_training_still_differentiable() -> None:
 
 
 def _old_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as written before the ``torch.rms_norm`` shortcut (the Hugging Face Llama formula)."""
+    """The Hugging Face Llama RMSNorm formula (what every RMSNorm path must reproduce bit for bit)."""
     dtype = x.dtype
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)

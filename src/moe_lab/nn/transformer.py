@@ -82,9 +82,8 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and torch.is_grad_enabled():  # same numbers, direct backward
             return rms_norm_train(x, self.weight, self.eps)
         dtype = x.dtype
-        if dtype == torch.float32 and self.weight.dtype == dtype and x.device.type == "cpu":
-            # inference: one call; on CPU torch.rms_norm runs these very ops (bit-identical, tested)
-            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # inference: the formula as written. torch.rms_norm gives the same bits on CPU but is slower in
+        # decoding (measured in place, small preset, 2 threads: 2-4% of a batch-1 step, 7% at batch 8)
         x32 = x if dtype == torch.float32 else x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * (x32 if dtype == torch.float32 else x32.to(dtype))
