@@ -17,6 +17,7 @@ from moe_lab.nn.transformer import (
     RotaryEmbedding,
     apply_rotary,
     build_attention_mask,
+    call_module,
     repeat_kv,
 )
 
@@ -238,3 +239,58 @@ def test_matches_hugging_face_functions():
     hf_norm.weight.data.copy_(w)
     ours.weight.data.copy_(w)
     torch.testing.assert_close(ours(x), hf_norm(x), rtol=0, atol=0)
+
+
+def test_call_module_skips_only_an_unhooked_call():
+    """call_module goes straight to forward only when nothing would observe the call; every kind of hook
+    still fires."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    assert torch.equal(call_module(lin, x), lin(x))
+    seen: list[str] = []
+    handles = [
+        lin.register_forward_pre_hook(lambda m, a: seen.append("pre")),
+        lin.register_forward_hook(lambda m, a, o: seen.append("post")),
+        lin.register_full_backward_hook(lambda m, gi, go: seen.append("backward")),
+    ]
+    call_module(lin, x).sum().backward()
+    assert seen == ["pre", "post", "backward"]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    call_module(lin, x)
+    assert seen == []
+    handle = register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        call_module(lin, x)
+    finally:
+        handle.remove()
+    assert seen == ["Linear"]
+
+
+def test_decoding_calls_every_hooked_module_as_before():
+    """A hook on any submodule of a model sees the same calls during cached decoding as plain calls give."""
+    from moe_lab.inference import generate
+    from moe_lab.models import MoEModel
+
+    torch.manual_seed(0)
+    model = MoEModel.from_preset("tiny").eval()
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(
+                lambda m, a, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)
+            )
+    out = generate(model, torch.randint(0, model.config.vocab_size, (2, 5)), max_new_tokens=4)
+    assert out.sequences.shape == (2, 9)
+    layers = model.config.num_layers
+    assert counts["norm"] == 4 and counts["embed_tokens"] == 4 and counts["rotary"] == 4
+    for i in range(layers):
+        assert counts[f"layers.{i}"] == 4
+        assert (
+            counts[f"layers.{i}.input_layernorm"] == 4 and counts[f"layers.{i}.post_attention_layernorm"] == 4
+        )
+        assert counts[f"layers.{i}.self_attn"] == 4 and counts[f"layers.{i}.self_attn.o_proj"] == 4
+        assert counts[f"layers.{i}.mlp"] == 4

@@ -44,6 +44,7 @@ from moe_lab.nn.transformer import (
     RotaryEmbedding,
     build_attention_mask,
     cached_copy,
+    call_module,
 )
 
 __all__ = ["MoEModel", "MoEOutput"]
@@ -380,8 +381,8 @@ class MoEModel(nn.Module):
         elif task_ids is not None:
             raise ValueError("task_ids given but the model has num_tasks=0")
 
-        h_BSD = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(position_ids, h_BSD.dtype)
+        h_BSD = call_module(self.embed_tokens, input_ids)
+        cos, sin = call_module(self.rotary, position_ids, h_BSD.dtype)
         mask = self._attention_mask(attention_mask, s, past, device)
         routing: list[RoutingDecision] = []
         for blk in self.layers:
@@ -389,13 +390,13 @@ class MoEModel(nn.Module):
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 h_BSD, decision = checkpoint(blk, *args, use_reentrant=False)
             else:
-                h_BSD, decision = blk(*args)
+                h_BSD, decision = call_module(blk, *args)
             if decision is not None:
                 routing.append(decision)
         if logits_to_keep and logits_to_keep < s:
             h_BSD = h_BSD[:, -logits_to_keep:]
         target_BS = None if labels is None else next_token_targets(labels.to(device), token_mask_BS)
-        h_BSD = self.norm(h_BSD)
+        h_BSD = call_module(self.norm, h_BSD)
         head_DV = self._decode_head(h_BSD) if target_BS is None else None
         if head_DV is not None:
             logits, lm_total = h_BSD @ head_DV, None

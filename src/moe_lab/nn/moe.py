@@ -14,6 +14,7 @@ from moe_lab.nn.decode_path import small_batch_method, small_batch_moe
 from moe_lab.nn.dispatch import DISPATCH_IMPLS, dispatch_combine
 from moe_lab.nn.experts import Experts, SharedExperts
 from moe_lab.nn.router import ROUTER_TYPES, RoutingDecision, build_router
+from moe_lab.nn.transformer import call_module
 
 __all__ = ["MoELayer"]
 
@@ -183,7 +184,7 @@ class MoELayer(nn.Module):
                     f"router_input must have shape {tuple(x_BSD.shape)}, got {tuple(router_input_BSD.shape)}"
                 )
             router_in_TD = router_input_BSD.reshape(-1, self.hidden_size)
-        decision = self.router(router_in_TD, token_mask=mask_T)
+        decision = call_module(self.router, router_in_TD, token_mask=mask_T)
         method = None  # small T in eval (decoding): plain small-batch path, see moe_lab.nn.decode_path
         if self.impl != "capacity" and type(self.experts) is Experts:
             k = decision.expert_indices.shape[1]

@@ -21,11 +21,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
 from moe_lab.nn.kv_cache import KVCache  # re-exported: ``moe_lab.nn.transformer.KVCache`` stays valid
 from moe_lab.nn.norm_kernels import rms_norm_train, rotary_train
@@ -40,12 +41,42 @@ __all__ = [
     "apply_rotary",
     "build_attention_mask",
     "cached_copy",
+    "call_module",
     "repeat_kv",
     "rotate_half",
 ]
 
 
 _T = TypeVar("_T")
+
+
+def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)``, going straight to ``module.forward`` when nothing hooks into the call.
+
+    ``nn.Module.__call__`` spends a few microseconds per call on hook bookkeeping; a decoding step calls
+    about thirty modules (measured: 3-4% of a batch-1 step of the ``small`` preset). The full call is kept
+    whenever the module or the process has a hook of any kind (monitors, FSDP, ``register_module_*_hook``),
+    the module was compiled with ``nn.Module.compile``, or a TorchScript trace is being recorded.
+
+    >>> lin = nn.Linear(3, 2)
+    >>> x = torch.randn(4, 3)
+    >>> bool(torch.equal(call_module(lin, x), lin(x)))
+    True
+    """
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _module_mod._global_forward_hooks
+        or _module_mod._global_forward_pre_hooks
+        or _module_mod._global_backward_hooks
+        or _module_mod._global_backward_pre_hooks
+        or module._compiled_call_impl is not None
+        or torch._C._get_tracing_state() is not None
+    ):
+        return module(*args, **kwargs)
+    return module.forward(*args, **kwargs)
 
 
 def cached_copy(owner: nn.Module, slot: str, sources: Sequence[Tensor], build: Callable[[], _T]) -> _T:
@@ -329,7 +360,7 @@ class Attention(nn.Module):
             scale=dh**-0.5,
             enable_gqa=h != g,
         )
-        return self.o_proj(out_BH1D.transpose(1, 2).reshape(b, 1, h * dh))
+        return call_module(self.o_proj, out_BH1D.transpose(1, 2).reshape(b, 1, h * dh))
 
 
 class DenseFFN(nn.Module):
@@ -387,14 +418,17 @@ class DecoderBlock(nn.Module):
         token_mask_BS: Tensor | None = None,
         router_bias_BSD: Tensor | None = None,
     ) -> tuple[Tensor, object | None]:
-        attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSD, sin_BSD, mask_B1SK, kv_cache)
+        normed = call_module(self.input_layernorm, x_BSD)
+        attn = call_module(self.self_attn, normed, cos_BSD, sin_BSD, mask_B1SK, kv_cache)
         drop = self.training and self.resid_dropout.p > 0  # skip the no-op dropout calls in eval
         h_BSD = x_BSD + (self.resid_dropout(attn) if drop else attn)
-        n_BSD = self.post_attention_layernorm(h_BSD)
+        n_BSD = call_module(self.post_attention_layernorm, h_BSD)
         decision = None
         if self.is_moe:
             router_in = None if router_bias_BSD is None else n_BSD + router_bias_BSD
-            y_BSD, decision = self.mlp(n_BSD, token_mask_BS=token_mask_BS, router_input_BSD=router_in)
+            y_BSD, decision = call_module(
+                self.mlp, n_BSD, token_mask_BS=token_mask_BS, router_input_BSD=router_in
+            )
         else:
-            y_BSD = self.mlp(n_BSD)
+            y_BSD = call_module(self.mlp, n_BSD)
         return h_BSD + (self.resid_dropout(y_BSD) if drop else y_BSD), decision
