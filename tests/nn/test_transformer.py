@@ -294,3 +294,46 @@ def test_decoding_calls_every_hooked_module_as_before():
         )
         assert counts[f"layers.{i}.self_attn"] == 4 and counts[f"layers.{i}.self_attn.o_proj"] == 4
         assert counts[f"layers.{i}.mlp"] == 4
+
+
+def test_rotary_span_is_the_formula_bit_for_bit():
+    rot = RotaryEmbedding(32, theta=500000.0)
+    for start, length in [
+        (0, 1),
+        (5, 3),
+        (63, 1),
+        (64, 10),
+        (300, 1),
+        (0, 700),
+    ]:  # grows past 64, then 128...
+        for dtype in (torch.float32, torch.bfloat16):
+            cos, sin = rot.span(start, length, dtype)
+            ref_cos, ref_sin = rot(torch.arange(start, start + length)[None], dtype)
+            assert cos.dtype == dtype and torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
+    rot.theta = 10000.0
+    rot.reset_parameters()  # a new inv_freq: the table is rebuilt
+    cos, _ = rot.span(7, 2, torch.float32)
+    assert torch.equal(cos, rot(torch.tensor([[7, 8]]), torch.float32)[0][0])
+
+
+def test_decoding_with_the_rotary_span_equals_the_formula():
+    """Decoding (no mask, no autograd) slices the rotary table; a hook on the rotary module forces the
+    formula: the logits are identical."""
+    from moe_lab.models import MoEModel
+
+    torch.manual_seed(0)
+    model = MoEModel.from_preset("tiny").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            out = model(ids[:, :5], use_cache=True)
+            return model(ids[:, 5:], kv_cache=out.kv_cache, use_cache=True).logits
+
+    fast = logits()
+    assert "_span_table" in model.rotary.__dict__
+    handle = model.rotary.register_forward_hook(lambda *_: None)
+    try:
+        assert torch.equal(logits(), fast)
+    finally:
+        handle.remove()

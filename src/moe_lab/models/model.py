@@ -45,6 +45,7 @@ from moe_lab.nn.transformer import (
     build_attention_mask,
     cached_copy,
     call_module,
+    unhooked,
 )
 
 __all__ = ["MoEModel", "MoEOutput"]
@@ -370,8 +371,6 @@ class MoEModel(nn.Module):
             raise ValueError(
                 f"attention_mask must be [batch, past + seq] = {(b, past + s)}, got {tuple(attention_mask.shape)}"
             )
-        if position_ids is None:
-            position_ids = self._positions(attention_mask, b, s, past, device)
         token_mask_BS = None if attention_mask is None else attention_mask[:, past:].bool()
         router_bias_BSD = None
         if self.task_embed is not None:
@@ -382,7 +381,20 @@ class MoEModel(nn.Module):
             raise ValueError("task_ids given but the model has num_tasks=0")
 
         h_BSD = call_module(self.embed_tokens, input_ids)
-        cos, sin = call_module(self.rotary, position_ids, h_BSD.dtype)
+        if (
+            position_ids is None
+            and attention_mask is None
+            and device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and unhooked(self.rotary)
+        ):  # positions past .. past + s - 1 of every row: a slice of the rotary module's table (same bits)
+            cos_SD, sin_SD = self.rotary.span(past, s, h_BSD.dtype)
+            cos, sin = cos_SD.expand(b, s, -1), sin_SD.expand(b, s, -1)
+        else:
+            if position_ids is None:
+                position_ids = self._positions(attention_mask, b, s, past, device)
+            cos, sin = call_module(self.rotary, position_ids, h_BSD.dtype)
         mask = self._attention_mask(attention_mask, s, past, device)
         routing: list[RoutingDecision] = []
         for blk in self.layers:
