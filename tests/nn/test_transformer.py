@@ -337,3 +337,13 @@ def test_decoding_with_the_rotary_span_equals_the_formula():
         assert torch.equal(logits(), fast)
     finally:
         handle.remove()
+
+
+def test_call_module_keeps_a_custom_dunder_call():
+    class Loud(torch.nn.Linear):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) * 2
+
+    lin = Loud(3, 2)
+    x = torch.randn(4, 3)
+    assert torch.equal(call_module(lin, x), lin.forward(x) * 2)

@@ -51,10 +51,13 @@ __all__ = [
 _T = TypeVar("_T")
 
 
+_MODULE_CALL = nn.Module.__call__
+
+
 def unhooked(module: nn.Module) -> bool:
-    """True when calling ``module`` runs nothing but its ``forward``: no hook of any kind on it or on all
-    modules (monitors, FSDP, ``register_module_*_hook``), not compiled with ``nn.Module.compile``, and no
-    TorchScript trace being recorded.
+    """True when calling ``module`` runs nothing but its ``forward``: its class keeps ``nn.Module.__call__``,
+    no hook of any kind on it or on all modules (monitors, FSDP, ``register_module_*_hook``), not compiled
+    with ``nn.Module.compile``, and no TorchScript trace being recorded.
 
     >>> lin = nn.Linear(2, 2)
     >>> unhooked(lin)
@@ -64,7 +67,8 @@ def unhooked(module: nn.Module) -> bool:
     False
     """
     return not (
-        module._forward_hooks
+        type(module).__call__ is not _MODULE_CALL
+        or module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
