@@ -17,7 +17,6 @@ from moe_lab.nn.transformer import (
     RotaryEmbedding,
     apply_rotary,
     build_attention_mask,
-    call_module,
     repeat_kv,
 )
 
@@ -241,35 +240,6 @@ def test_matches_hugging_face_functions():
     torch.testing.assert_close(ours(x), hf_norm(x), rtol=0, atol=0)
 
 
-def test_call_module_skips_only_an_unhooked_call():
-    """call_module goes straight to forward only when nothing would observe the call; every kind of hook
-    still fires."""
-    from torch.nn.modules.module import register_module_forward_hook
-
-    lin = torch.nn.Linear(4, 3)
-    x = torch.randn(2, 4, requires_grad=True)
-    assert torch.equal(call_module(lin, x), lin(x))
-    seen: list[str] = []
-    handles = [
-        lin.register_forward_pre_hook(lambda m, a: seen.append("pre")),
-        lin.register_forward_hook(lambda m, a, o: seen.append("post")),
-        lin.register_full_backward_hook(lambda m, gi, go: seen.append("backward")),
-    ]
-    call_module(lin, x).sum().backward()
-    assert seen == ["pre", "post", "backward"]
-    for h in handles:
-        h.remove()
-    seen.clear()
-    call_module(lin, x)
-    assert seen == []
-    handle = register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
-    try:
-        call_module(lin, x)
-    finally:
-        handle.remove()
-    assert seen == ["Linear"]
-
-
 def test_decoding_calls_every_hooked_module_as_before():
     """A hook on any submodule of a model sees the same calls during cached decoding as plain calls give."""
     from moe_lab.inference import generate
@@ -337,13 +307,3 @@ def test_decoding_with_the_rotary_span_equals_the_formula():
         assert torch.equal(logits(), fast)
     finally:
         handle.remove()
-
-
-def test_call_module_keeps_a_custom_dunder_call():
-    class Loud(torch.nn.Linear):
-        def __call__(self, *args, **kwargs):
-            return super().__call__(*args, **kwargs) * 2
-
-    lin = Loud(3, 2)
-    x = torch.randn(4, 3)
-    assert torch.equal(call_module(lin, x), lin.forward(x) * 2)

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_lab.models.config import ModelConfig
 from moe_lab.models.io import load_model_dir, save_model_dir
+from moe_lab.nn.eager import cached_copy, call_module, unhooked
 from moe_lab.nn.huge_pages import advise_huge_pages
 from moe_lab.nn.losses import (
     lm_head_cross_entropy,
@@ -43,9 +44,6 @@ from moe_lab.nn.transformer import (
     RMSNorm,
     RotaryEmbedding,
     build_attention_mask,
-    cached_copy,
-    call_module,
-    unhooked,
 )
 
 __all__ = ["MoEModel", "MoEOutput"]
@@ -188,12 +186,10 @@ class MoEModel(nn.Module):
             or torch.is_grad_enabled()
             or type(head) is not nn.Linear
             or head.bias is not None
-            or head._forward_hooks
-            or head._forward_pre_hooks
+            or not unhooked(head)  # a hooked, compiled or traced head is called as a module
             or w_VD.dtype != h_BSD.dtype
             or w_VD.numel() * w_VD.element_size() > self.DECODE_HEAD_MAX_BYTES
             or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
         ):
             return None
         return cached_copy(self, "_decode_head_cache", [w_VD], lambda: w_VD.detach().t().contiguous())

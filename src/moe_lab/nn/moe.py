@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from moe_lab.nn.decode_path import small_batch_method, small_batch_moe
 from moe_lab.nn.dispatch import DISPATCH_IMPLS, dispatch_combine
+from moe_lab.nn.eager import call_module
 from moe_lab.nn.experts import Experts, SharedExperts
 from moe_lab.nn.router import ROUTER_TYPES, RoutingDecision, build_router
-from moe_lab.nn.transformer import call_module
 
 __all__ = ["MoELayer"]
 
