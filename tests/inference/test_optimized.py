@@ -41,8 +41,8 @@ def _ids(seed=1, b=2, s=24):
 
 @pytest.mark.parametrize(
     ("policy", "capacity", "storage"),
-    [(p, c, "host") for p in ("lru", "lfu", "lfu_admit", "weighted_lru", "pin") for c in (1, 3, 8)]
-    + [("lru", 1, "disk"), ("weighted_lru", 8, "disk"), ("lfu_admit", 3, "disk")],
+    [(p, c, "host") for p in ("lru", "lfu", "lfu_admit", "weighted_lru", "markov", "pin") for c in (1, 3, 8)]
+    + [("lru", 1, "disk"), ("weighted_lru", 8, "disk"), ("lfu_admit", 3, "disk"), ("markov", 3, "disk")],
 )
 def test_cached_model_equals_full_model(policy, capacity, storage, tmp_path):
     base = _model()

@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--policies",
         default=None,
-        help="comma-separated policies to compare: lru, lfu, lfu_admit, weighted_lru, pin, belady "
-        "(default: all)",
+        help="comma-separated policies to compare: lru, lfu, lfu_admit, weighted_lru, markov, pin, "
+        "belady (default: all)",
     )
     p.add_argument("--scope", choices=["per_layer", "global", "both"], default="both")
     p.add_argument(

@@ -6,6 +6,9 @@ of at most ``capacity`` entries. The protocol, called once per request in reques
 - ``access(key, t, weight)`` returns True on a hit. On a miss the expert is loaded for this request (it is
   always computed), and the policy decides whether to keep it resident, evicting a victim when full.
 - ``resident`` is the current set of resident keys.
+- ``begin(keys, group)`` (optional, before a group's requests): the keys one token asks for at one layer (what
+  its router chose, known before any expert is loaded), and the group (the layer) they belong to. Only
+  ``markov`` uses it; the other policies see requests one at a time.
 
 Policies:
     ``lru``           evict the least recently used expert.
@@ -17,6 +20,11 @@ Policies:
                       most used experts of the stream seen so far.
     ``weighted_lru``  evict the expert with the smallest exponentially decayed sum of router weights
                       (recency x frequency x how much the router relied on it; ``decay`` per request step).
+    ``markov``        keep the experts most likely to be used by the *next* token: a first-order Markov model
+                      of the routing, learned online (for each expert i, how often each expert j is used by
+                      the token after one that used i), scores every candidate from the current token's
+                      experts; a missed expert replaces the lowest-scored resident only if it scores higher,
+                      else it is bypassed. Needs ``begin`` (the simulator and the runtime cache call it).
     ``pin``           keep a fixed set of the most frequent experts of a usage profile; others are loaded
                       for their request only and never kept (no churn).
     ``belady``        Belady's offline optimum (MIN) with bypass: needs the future; on a miss, evicts the
@@ -42,6 +50,7 @@ __all__ = [
     "LFUAdmitPolicy",
     "LFUPolicy",
     "LRUPolicy",
+    "MarkovPolicy",
     "PinPolicy",
     "WeightedLRUPolicy",
     "make_policy",
@@ -70,6 +79,9 @@ class CachePolicy:
     def evict_candidate(self) -> Key | None:
         """The key the policy would evict next (None when not full). Used by the runtime cache."""
         return None
+
+    def begin(self, keys: Sequence[Key], group: Hashable = None) -> None:
+        """Announce the keys of the next requests (one token at one layer). Default: ignored."""
 
 
 class LRUPolicy(CachePolicy):
@@ -198,6 +210,93 @@ class WeightedLRUPolicy(CachePolicy):
         return self._victim(t)
 
 
+class MarkovPolicy(CachePolicy):
+    """Keep the experts the next token is most likely to use, predicted from the current token's experts.
+
+    A first-order Markov model of the routing, learned online from the groups announced with :meth:`begin`
+    (one token at one layer): ``pairs[i][j]`` counts the tokens that used expert ``j`` right after a token of
+    the same group that used ``i``; ``uses[i]`` counts the tokens that used ``i`` and had a successor. Given
+    the current token's experts ``S``, a candidate ``j`` (resident, or loaded for this token) scores
+
+        ``sum over i in S of (pairs[i][j] + a * f_j) / (uses[i] + a)``
+
+    (the expected number of ``S``'s experts after which ``j`` comes next), where ``f_j`` is the share of the
+    group's tokens that used ``j`` (the prior for rarely seen ``i``) and ``a = smoothing``. A missed expert
+    replaces the lowest-scored resident only if it scores higher; otherwise it is served for its request and
+    not kept (bypass). With a global cache the keys of other groups keep the score of their group's last token.
+    Without :meth:`begin` nothing is ever scored and a full cache keeps its first experts.
+
+    Example:
+        >>> p = MarkovPolicy(capacity=1)
+        >>> hits = []
+        >>> for t, token_experts in enumerate([[1], [2], [1], [2], [1]]):  # 1 and 2 alternate
+        ...     p.begin(token_experts)
+        ...     hits.append(p.access(token_experts[0], t))
+        >>> hits  # LRU with one slot never hits here; this keeps 1 while 2 is bypassed
+        [False, False, True, False, True]
+    """
+
+    name = "markov"
+
+    def __init__(self, capacity: int, smoothing: float = 1.0) -> None:
+        super().__init__(capacity)
+        if not smoothing > 0:
+            raise ValueError(f"smoothing must be positive, got {smoothing!r}")
+        self.smoothing = float(smoothing)
+        self._pairs: dict[Key, dict[Key, int]] = {}
+        self._uses: dict[Key, int] = {}
+        self._freq: dict[Key, int] = {}
+        self._tokens: dict[Hashable, int] = {}
+        self._prev: dict[Hashable, tuple[Key, ...]] = {}
+        self._group: dict[Key, Hashable] = {}
+        self._score: dict[Key, float] = {}
+        self._resident: set[Key] = set()
+
+    @property
+    def resident(self) -> set[Key]:
+        return set(self._resident)
+
+    def begin(self, keys: Sequence[Key], group: Hashable = None) -> None:
+        cur = tuple(dict.fromkeys(keys))
+        if not cur:
+            return
+        prev = self._prev.get(group)
+        if prev is not None:  # learn: every expert of the previous token was followed by cur
+            for i in prev:
+                self._uses[i] = self._uses.get(i, 0) + 1
+                row = self._pairs.setdefault(i, {})
+                for j in cur:
+                    row[j] = row.get(j, 0) + 1
+        self._prev[group] = cur
+        tokens = self._tokens[group] = self._tokens.get(group, 0) + 1
+        for j in cur:
+            self._freq[j] = self._freq.get(j, 0) + 1
+            self._group[j] = group
+        a = self.smoothing
+        rows = [(self._pairs.get(i, {}), self._uses.get(i, 0) + a) for i in cur]
+        for j in {*cur, *(k for k in self._resident if self._group.get(k) == group)}:
+            prior = a * self._freq.get(j, 0) / tokens
+            self._score[j] = sum((row.get(j, 0) + prior) / n for row, n in rows)
+
+    def _rank(self, key: Key) -> tuple[float, int]:
+        return self._score.get(key, 0.0), self._freq.get(key, 0)
+
+    def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
+        if key in self._resident:
+            return True
+        if len(self._resident) < self.capacity:
+            self._resident.add(key)
+            return False
+        victim = min(self._resident, key=self._rank)
+        if self._rank(key) > self._rank(victim):
+            self._resident.discard(victim)
+            self._resident.add(key)
+        return False  # else bypass: less likely to be used next than every resident
+
+    def evict_candidate(self) -> Key | None:
+        return min(self._resident, key=self._rank) if len(self._resident) >= self.capacity else None
+
+
 class PinPolicy(CachePolicy):
     """Keep the ``capacity`` most frequent experts of a usage profile; load others for one request only."""
 
@@ -274,7 +373,7 @@ def next_use_positions(keys: Sequence[Key]) -> list[float]:
     return nxt
 
 
-POLICIES = ("lru", "lfu", "lfu_admit", "weighted_lru", "pin", "belady")
+POLICIES = ("lru", "lfu", "lfu_admit", "weighted_lru", "markov", "pin", "belady")
 
 
 def make_policy(
@@ -294,6 +393,8 @@ def make_policy(
         return LFUAdmitPolicy(capacity)
     if name == "weighted_lru":
         return WeightedLRUPolicy(capacity, decay=decay)
+    if name == "markov":
+        return MarkovPolicy(capacity)
     if name == "pin":
         if profile is None:
             raise ValueError("policy 'pin' needs a usage profile (expert -> frequency)")

@@ -7,7 +7,8 @@ Scopes:
                    ``(layer, expert)``.
 
 Requests are replayed token by token, layer by layer, slot by slot: the order an expert-offloading runtime
-asks for experts while decoding. Every policy runs on the same request stream, so Belady's MIN is an upper
+asks for experts while decoding. Before a token's requests at a layer the policy is told which experts that
+token will ask for (``CachePolicy.begin``: the router has chosen them before any expert is loaded). Every policy runs on the same request stream, so Belady's MIN is an upper
 bound of all of them (a property the tests check).
 
 Example:
@@ -59,33 +60,44 @@ class SimResult:
         return d
 
 
-def _streams(trace: RoutingTrace) -> tuple[list[list[int]], list[list[float]]]:
-    """Per-layer request streams (expert ids and router weights), token order."""
+Group = tuple[int, int, int]  # (start, stop, layer): one token's requests at one layer
+
+
+def _streams(trace: RoutingTrace) -> tuple[list[list[int]], list[list[float]], list[list[Group]]]:
+    """Per-layer request streams (expert ids and router weights, token order) and their token groups."""
     idx = trace.expert_indices.tolist()
     w = trace.weights.tolist()
     keys: list[list[int]] = [[] for _ in range(trace.num_layers)]
     weights: list[list[float]] = [[] for _ in range(trace.num_layers)]
+    groups: list[list[Group]] = [[] for _ in range(trace.num_layers)]
     for tok_idx, tok_w in zip(idx, w):
         for layer, (slots, slot_w) in enumerate(zip(tok_idx, tok_w)):
+            start = len(keys[layer])
             for e, ww in zip(slots, slot_w):
                 if e >= 0:
                     keys[layer].append(e)
                     weights[layer].append(ww)
-    return keys, weights
+            if len(keys[layer]) > start:
+                groups[layer].append((start, len(keys[layer]), layer))
+    return keys, weights, groups
 
 
-def _global_stream(trace: RoutingTrace) -> tuple[list[tuple[int, int]], list[float]]:
+def _global_stream(trace: RoutingTrace) -> tuple[list[tuple[int, int]], list[float], list[Group]]:
     idx = trace.expert_indices.tolist()
     w = trace.weights.tolist()
     keys: list[tuple[int, int]] = []
     weights: list[float] = []
+    groups: list[Group] = []
     for tok_idx, tok_w in zip(idx, w):
         for layer, (slots, slot_w) in enumerate(zip(tok_idx, tok_w)):
+            start = len(keys)
             for e, ww in zip(slots, slot_w):
                 if e >= 0:
                     keys.append((layer, e))
                     weights.append(ww)
-    return keys, weights
+            if len(keys) > start:
+                groups.append((start, len(keys), layer))
+    return keys, weights, groups
 
 
 def _replay(
@@ -93,13 +105,18 @@ def _replay(
     capacity: int,
     keys: Sequence[Hashable],
     weights: Sequence[float],
+    groups: Sequence[Group],
     profile: dict[Hashable, float] | None,
     decay: float,
 ) -> list[bool]:
     policy = make_policy(
         name, capacity, profile=profile, future=keys if name == "belady" else None, decay=decay
     )
-    return [policy.access(k, t, w) for t, (k, w) in enumerate(zip(keys, weights))]
+    hits: list[bool] = []
+    for start, stop, layer in groups:  # a token's experts are known (from its router) before any load
+        policy.begin(keys[start:stop], layer)
+        hits.extend(policy.access(keys[t], t, weights[t]) for t in range(start, stop))
+    return hits
 
 
 def simulate(
@@ -124,7 +141,7 @@ def simulate(
         raise ValueError(f"capacity must be a positive number of experts per layer, got {capacity!r}")
     freq = (profile_trace or trace).expert_frequencies().tolist()
     if scope == "per_layer":
-        keys, weights = _streams(trace)
+        keys, weights, groups = _streams(trace)
         hits = 0
         total = 0
         layer_rates: list[float] = []
@@ -132,17 +149,17 @@ def simulate(
             profile: dict[Hashable, float] | None = (
                 {e: float(c) for e, c in enumerate(freq[layer])} if policy == "pin" else None
             )
-            res = _replay(policy, capacity, keys[layer], weights[layer], profile, decay)
+            res = _replay(policy, capacity, keys[layer], weights[layer], groups[layer], profile, decay)
             h = sum(res)
             hits += h
             total += len(res)
             layer_rates.append(h / len(res) if res else 0.0)
         return SimResult(policy, capacity, scope, total, hits, tuple(layer_rates))
-    gkeys, gweights = _global_stream(trace)
+    gkeys, gweights, ggroups = _global_stream(trace)
     gprofile: dict[Hashable, float] | None = None
     if policy == "pin":
         gprofile = {(layer, e): float(c) for layer, row in enumerate(freq) for e, c in enumerate(row)}
-    res = _replay(policy, capacity * trace.num_layers, gkeys, gweights, gprofile, decay)
+    res = _replay(policy, capacity * trace.num_layers, gkeys, gweights, ggroups, gprofile, decay)
     per_layer_hits = [0] * trace.num_layers
     per_layer_total = [0] * trace.num_layers
     for (layer, _), hit in zip(gkeys, res):

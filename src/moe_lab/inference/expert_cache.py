@@ -168,9 +168,10 @@ class ExpertCache:
     Args:
         store: the slow tier.
         capacity: experts per layer (``scope="per_layer"``) or per layer on average (``"global"``).
-        policy: ``"lru"``, ``"lfu"``, ``"lfu_admit"``, ``"weighted_lru"`` or ``"pin"`` (online policies;
-            a policy that bypasses a missed expert, as ``lfu_admit`` and ``pin`` do, serves it for the
-            request without keeping it resident).
+        policy: ``"lru"``, ``"lfu"``, ``"lfu_admit"``, ``"weighted_lru"``, ``"markov"`` or ``"pin"`` (online
+            policies; a policy that bypasses a missed expert, as ``lfu_admit``, ``markov`` and ``pin`` do,
+            serves it for the request without keeping it resident). ``markov`` learns from the expert sets
+            announced with :meth:`begin` (the cached experts module calls it once per forward).
         scope: ``"per_layer"`` or ``"global"``.
         device: compute device (default: CPU).
         profile: ``[L, E]`` usage counts for ``pin`` (e.g. from a calibration trace).
@@ -254,6 +255,11 @@ class ExpertCache:
         if self.device.type == "cpu" and not self.store.on_disk:
             ws = {k: v.clone() for k, v in ws.items()}  # a real copy into the "device" tier
         return ws
+
+    def begin(self, layer: int, experts: Iterable[int]) -> None:
+        """Announce the experts one forward of ``layer`` is about to ask for (before its :meth:`get` calls)."""
+        with self._lock:
+            self._policy(layer).begin([self._policy_key(layer, int(e)) for e in experts], layer)
 
     def get(self, layer: int, expert: int, weight: float = 1.0) -> ExpertWeights:
         """The weights of one expert on the compute device (loading it on a miss)."""

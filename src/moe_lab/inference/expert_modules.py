@@ -115,6 +115,7 @@ class CachedExperts(nn.Module):
     def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
         _check_counts(counts, self.num_experts, x_ND.shape[0])
         self._prefetch_next()
+        self.cache.begin(self.layer_id, [e for e, n in enumerate(counts) if n])
         weights: list[tuple[Tensor, Tensor | None, Tensor] | None] = []
         for e, n in enumerate(counts):
             if n == 0:

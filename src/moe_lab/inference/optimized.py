@@ -9,8 +9,9 @@ model code:
   expert. :meth:`perplexity` measures what that costs.
 - **dynamic loading** (:meth:`enable_dynamic_loading`): experts live in safetensors files on disk
   (memory-mapped) or in host memory, and a bounded :class:`~moe_lab.inference.expert_cache.ExpertCache`
-  holds ``cache_size`` of them in device memory, evicting by ``lru``, ``lfu``, ``lfu_admit``, ``weighted_lru``
-  or ``pin``; optional speculative prefetch of the next layer's experts. Outputs equal the fully loaded model.
+  holds ``cache_size`` of them in device memory, evicting by ``lru``, ``lfu``, ``lfu_admit``, ``weighted_lru``,
+  ``markov`` or ``pin``; optional speculative prefetch of the next layer's experts. Outputs equal the fully
+  loaded model.
 - **weight-only quantisation** (:meth:`quantize`): int8 per channel or int4 in groups, per expert; routers,
   norms, attention and embeddings stay in full precision unless asked.
 
