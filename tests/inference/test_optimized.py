@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_lab.inference.expert_modules import CachedExperts
 from moe_lab.inference.optimized import OptimizedMoEModel, load_model, perplexity, usage_profile
 from moe_lab.models import MoEModel
 
@@ -79,6 +80,43 @@ def test_cached_model_close_to_grouped_path():
         torch.testing.assert_close(opt(ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("policy", "batch"), [("lru", 1), ("markov", 1), ("lfu_admit", 3), ("lru", 8)])
+def test_cached_decoding_equals_full_model(policy, batch, monkeypatch):
+    # KV-cache decoding: batches of up to 4 tokens (top-2: 8 slots) take the experts' decode_forward (the
+    # "pairs" loop over cached experts, the full model's decode method too: the same bits), larger ones the
+    # dispatch (the full model decodes 8 tokens with its own "grouped" method: equal up to rounding)
+    base = _model()  # impl="loop": the prefill runs the same per-expert matmuls as the cached experts
+    ids = _ids(b=batch, s=6)
+    opt = OptimizedMoEModel(_copy(base))
+    cache = opt.enable_dynamic_loading(3, policy, storage="host")
+    dispatched = []
+    forward = CachedExperts.forward
+    monkeypatch.setattr(
+        CachedExperts, "forward", lambda self, *a, **k: dispatched.append(1) or forward(self, *a, **k)
+    )
+    outs = []
+    with torch.no_grad():
+        for model in (base, opt.model):
+            out = model(ids, use_cache=True)
+            kv, steps = out.kv_cache, [out.logits[:, -1]]
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(5):
+                out = model(nxt, kv_cache=kv, use_cache=True)
+                kv = out.kv_cache
+                steps.append(out.logits[:, -1])
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            outs.append(torch.stack(steps))
+    if batch * 2 <= 8:
+        assert torch.equal(outs[0], outs[1])
+        assert len(dispatched) == 3  # the prefill only, once per layer
+    else:
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+        assert len(dispatched) == 3 * 6
+    st = cache.get_stats()
+    assert st.requests > 0 and st.hits + st.misses == st.requests
+    opt.close()
+
+
 def test_prefetch_and_global_scope():
     base = _model()
     ids = _ids(b=1, s=40)
@@ -125,6 +163,38 @@ def test_quantized_int4_bounded_error():
         out = opt(ids).logits
     err = (out - ref).abs().max() / ref.abs().max()
     assert err < 0.2, float(err)
+
+
+def _kv_decode_logits(model, ids, steps=4):
+    """Last-position logits of a KV-cache decode of ``ids[:, -steps:]`` after prefilling the rest."""
+    with torch.no_grad():
+        out = model(ids[:, :-steps], use_cache=True)
+        kv, logits = out.kv_cache, []
+        for t in range(ids.shape[1] - steps, ids.shape[1]):
+            out = model(ids[:, t : t + 1], kv_cache=kv, use_cache=True)
+            kv = out.kv_cache
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("transform", ["int8", "int4", "subset"])
+def test_decode_forward_of_replacement_experts_matches_dispatch(transform, tmp_path):
+    # decoding one or two sequences takes the experts' decode_forward ("pairs" loop); the same model run over
+    # the whole sequence (more rows) dispatches through forward(): the logits agree position by position
+    base = _model()
+    if transform == "subset":
+        base.save_pretrained(str(tmp_path / "m"))
+        prof = usage_profile(base, [_ids(seed=s) for s in range(3)])
+        opt = OptimizedMoEModel.from_pretrained(
+            tmp_path / "m", expert_selection_strategy="frequency_based", num_experts_to_load=5, usage=prof
+        )
+    else:
+        opt = OptimizedMoEModel(_copy(base)).quantize(bits=8 if transform == "int8" else 4, group_size=16)
+    for b in (1, 2):
+        ids = _ids(seed=3, b=b, s=12)
+        with torch.no_grad():
+            full = opt(ids).logits[:, -4:]
+        torch.testing.assert_close(_kv_decode_logits(opt.model, ids), full, rtol=1e-5, atol=1e-5)
 
 
 def test_selective_loading_routes_to_loaded_experts(tmp_path):

@@ -15,6 +15,7 @@ Shape legend: N rows sorted by expert, D model dim, F expert FFN dim, E experts.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 
 from moe_lab.inference.expert_cache import ExpertCache
 from moe_lab.inference.quant import QuantizedWeight, quantize_weight
+from moe_lab.nn.decode_path import PAIRS_MAX_SLOTS, pairs_moe
+from moe_lab.nn.router import RoutingDecision
 
 __all__ = ["CachedExperts", "QuantizedExperts", "SubsetExperts", "expert_ffn", "grouped_ffn"]
 
@@ -32,6 +35,10 @@ def expert_ffn(x_ND: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor)
     h1 = x_ND @ w1_DF.to(x_ND.dtype)
     h = F.silu(h1) * (x_ND @ w3_DF.to(x_ND.dtype)) if w3_DF is not None else F.gelu(h1)
     return h @ w2_FD.to(x_ND.dtype)
+
+
+def _activation(h1: Tensor, h3: Tensor | None) -> Tensor:
+    return F.silu(h1) * h3 if h3 is not None else F.gelu(h1)
 
 
 def _check_counts(counts: list[int], num_experts: int, rows: int) -> None:
@@ -112,6 +119,34 @@ class CachedExperts(nn.Module):
             guess = torch.topk(logits, k, dim=-1).indices.unique().tolist()
         self.cache.prefetch(self.next_layer_id, guess)
 
+    def decode_forward(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor | None:
+        """Decode-sized batches (``T * K <= PAIRS_MAX_SLOTS``): the routed output straight from the decision.
+
+        The ``"pairs"`` loop of :func:`moe_lab.nn.decode_path.pairs_moe` over the cached experts, without the
+        dispatch's sort and bookkeeping: the same bits as the fully loaded layer's decode path. Returns None
+        for larger batches (the layer then dispatches and calls :meth:`forward`). The MoE layer calls it in
+        eval mode only.
+        """
+        idx_TK = decision.expert_indices
+        if idx_TK.numel() > PAIRS_MAX_SLOTS:
+            return None
+        self._prefetch_next()
+        kept = [
+            e
+            for row, keep in zip(idx_TK.tolist(), decision.slot_mask.tolist())
+            for e, k in zip(row, keep)
+            if k
+        ]
+        self.cache.begin(self.layer_id, list(dict.fromkeys(kept)))
+        tokens_per_expert = Counter(kept)
+
+        def weights_of(e: int) -> tuple[Tensor, Tensor | None, Tensor]:
+            w = self._last_weights_E
+            ws = self.cache.get(self.layer_id, e, float(w[e]) if w is not None else tokens_per_expert[e])
+            return ws["w1"], ws.get("w3"), ws["w2"]
+
+        return pairs_moe(x_TD, decision, weights_of, _activation)
+
     def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
         _check_counts(counts, self.num_experts, x_ND.shape[0])
         self._prefetch_next()
@@ -183,6 +218,23 @@ class QuantizedExperts(nn.Module):
         ]
         return grouped_ffn(x_ND, counts, weights)
 
+    def decode_forward(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor | None:
+        """Decode-sized batches: the ``"pairs"`` loop, dequantising only the experts the tokens use.
+
+        See :meth:`CachedExperts.decode_forward`; None for larger batches.
+        """
+        if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
+            return None
+        q1, q3, q2 = self._weights()
+        assert q1 is not None and q2 is not None
+        dt = x_TD.dtype
+
+        def weights_of(e: int) -> tuple[Tensor, Tensor | None, Tensor]:
+            w3 = q3.dequantize_expert(e, dt) if q3 is not None else None
+            return q1.dequantize_expert(e, dt), w3, q2.dequantize_expert(e, dt)
+
+        return pairs_moe(x_TD, decision, weights_of, _activation)
+
     def weight_bytes(self) -> int:
         return sum(q.nbytes for q in (self.q_w1, self.q_w3, self.q_w2) if q is not None)
 
@@ -205,20 +257,22 @@ class SubsetExperts(nn.Module):
         self.w2_KFD = nn.Parameter(experts.w2_EFD.detach()[idx].clone(), requires_grad=False)
         self._slot = {e: i for i, e in enumerate(self.keep)}
 
+    def _expert(self, e: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        if e not in self._slot:
+            raise RuntimeError(f"expert {e} was routed to but is not loaded (loaded: {self.keep})")
+        i = self._slot[e]
+        return self.w1_KDF[i], self.w3_KDF[i] if self.w3_KDF is not None else None, self.w2_KFD[i]
+
     def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
         _check_counts(counts, self.num_experts, x_ND.shape[0])
-        weights: list[tuple[Tensor, Tensor | None, Tensor] | None] = []
-        for e, n in enumerate(counts):
-            if n == 0:
-                weights.append(None)
-                continue
-            if e not in self._slot:
-                raise RuntimeError(f"expert {e} was routed to but is not loaded (loaded: {self.keep})")
-            i = self._slot[e]
-            weights.append(
-                (self.w1_KDF[i], self.w3_KDF[i] if self.w3_KDF is not None else None, self.w2_KFD[i])
-            )
+        weights = [self._expert(e) if n > 0 else None for e, n in enumerate(counts)]
         return grouped_ffn(x_ND, counts, weights)
+
+    def decode_forward(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor | None:
+        """Decode-sized batches: the ``"pairs"`` loop over the loaded experts (None for larger batches)."""
+        if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
+            return None
+        return pairs_moe(x_TD, decision, self._expert, _activation)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, loaded={len(self.keep)}"

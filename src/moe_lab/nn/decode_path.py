@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 from math import gcd
 
@@ -53,6 +54,7 @@ __all__ = [
     "DENSE_MAX_EXPERTS_PER_SLOT",
     "GROUPED_MAX_SLOTS",
     "PAIRS_MAX_SLOTS",
+    "pairs_moe",
     "small_batch_method",
     "small_batch_moe",
 ]
@@ -125,25 +127,64 @@ def _dense(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
     return (y_TKD * w_TK1).sum(1)
 
 
-def _pairs(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
+ExpertTriple = tuple[Tensor, Tensor | None, Tensor]  # (w1 [D, F], w3 [D, F] or None, w2 [F, D]) of one expert
+
+
+def pairs_moe(
+    x_TD: Tensor,
+    decision: RoutingDecision,
+    weights_of: Callable[[int], ExpertTriple],
+    hidden: Callable[[Tensor, Tensor | None], Tensor],
+) -> Tensor:
+    """The ``"pairs"`` method with the weights from anywhere: ``weights_of(e)`` gives expert e's matrices.
+
+    A Python loop over the kept (token, slot) pairs, three matrix-vector products each, weighted and summed
+    per token. ``weights_of`` is called once per distinct kept expert, in order of first use (slot order of
+    the first token, then the next token's new experts), before any matmul; ``hidden(h1, h3)`` is the
+    activation (``silu(h1) * h3`` for SwiGLU, ``gelu(h1)`` without ``w3``). Used by the stacked experts
+    (``"pairs"``) and by the offloaded experts (:class:`moe_lab.inference.expert_modules.CachedExperts`),
+    so both give the same bits.
+
+    >>> w1, w2 = torch.randn(3, 4, 6), torch.randn(3, 6, 4)
+    >>> from moe_lab.nn.router import TopKRouter
+    >>> x = torch.randn(2, 4)
+    >>> out = pairs_moe(x, TopKRouter(4, 3, top_k=2)(x), lambda e: (w1[e], None, w2[e]), lambda h1, h3: F.gelu(h1))
+    >>> out.shape
+    torch.Size([2, 4])
+    """
     dtype = x_TD.dtype
-    w1_EDF, w2_EFD = _cast(experts.w1_EDF, dtype), _cast(experts.w2_EFD, dtype)
-    w3_EDF = _cast(experts.w3_EDF, dtype) if experts.w3_EDF is not None else None
     # the weights as Python floats (exact: a float32 value round-trips through a double), no 0-dim tensors
     weights = _cast(decision.combine_weights, dtype).tolist()
     keep = decision.slot_mask.tolist()
+    experts_TK = decision.expert_indices.tolist()
+    mats: dict[int, ExpertTriple] = {}
+    for experts_k, keep_k in zip(experts_TK, keep):
+        for e, kept in zip(experts_k, keep_k):
+            if kept and e not in mats:
+                w1, w3, w2 = weights_of(e)
+                mats[e] = (_cast(w1, dtype), _cast(w3, dtype) if w3 is not None else None, _cast(w2, dtype))
     rows: list[Tensor] = []
-    for t, (experts_k, keep_k) in enumerate(zip(decision.expert_indices.tolist(), keep)):
+    for t, (experts_k, keep_k) in enumerate(zip(experts_TK, keep)):
         x_1D = x_TD[t : t + 1]
         acc_1D: Tensor | None = None
         for k, (e, kept) in enumerate(zip(experts_k, keep_k)):
             if not kept:
                 continue
-            h3_1F = x_1D @ w3_EDF[e] if w3_EDF is not None else None
-            y_1D = (experts._hidden(x_1D @ w1_EDF[e], h3_1F) @ w2_EFD[e]) * weights[t][k]
+            w1_DF, w3_DF, w2_FD = mats[e]
+            h3_1F = x_1D @ w3_DF if w3_DF is not None else None
+            y_1D = (hidden(x_1D @ w1_DF, h3_1F) @ w2_FD) * weights[t][k]
             acc_1D = y_1D if acc_1D is None else acc_1D + y_1D
         rows.append(acc_1D if acc_1D is not None else torch.zeros_like(x_1D))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _pairs(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
+    w1_EDF, w3_EDF, w2_EFD = experts.w1_EDF, experts.w3_EDF, experts.w2_EFD
+
+    def weights_of(e: int) -> ExpertTriple:
+        return w1_EDF[e], w3_EDF[e] if w3_EDF is not None else None, w2_EFD[e]
+
+    return pairs_moe(x_TD, decision, weights_of, experts._hidden)
 
 
 def _grouped(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: str = "auto") -> Tensor:

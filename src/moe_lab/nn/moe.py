@@ -191,9 +191,14 @@ class MoELayer(nn.Module):
             # "padded" (batched matmuls over all experts) only for impl="auto" on CPU: "loop" keeps plain matmuls
             threads = torch.get_num_threads() if x_TD.device.type == "cpu" and self.impl == "auto" else 1
             method = small_batch_method(x_TD.shape[0], k, self.num_experts, self.training, threads)
+        out_TD: Tensor | None = None
         if method is not None:
             out_TD = small_batch_moe(x_TD, decision, self.experts, method, impl=self.impl)
-        else:
+        elif not self.training and self.impl != "capacity":
+            # replacement experts (offloaded, ...) may answer decode-sized batches themselves (None: dispatch)
+            decode = getattr(self.experts, "decode_forward", None)
+            out_TD = decode(x_TD, decision) if decode is not None else None
+        if out_TD is None:
             out_TD = dispatch_combine(x_TD, decision, self.experts, impl=self.impl)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
