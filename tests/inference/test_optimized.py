@@ -117,13 +117,14 @@ def test_cached_decoding_equals_full_model(policy, batch, monkeypatch):
     opt.close()
 
 
-def test_prefetch_and_global_scope():
+@pytest.mark.parametrize("policy", ["lru", "markov"])
+def test_prefetch_and_global_scope(policy):
     base = _model()
     ids = _ids(b=1, s=40)
     with torch.no_grad():
         ref = base(ids).logits
     opt = OptimizedMoEModel(_copy(base))
-    cache = opt.enable_dynamic_loading(3, "lru", scope="global", storage="host", prefetch=True)
+    cache = opt.enable_dynamic_loading(3, policy, scope="global", storage="host", prefetch=True)
     with torch.no_grad():
         for t in range(1, ids.shape[1] + 1):  # token by token, like decoding without a KV cache
             out = opt(ids[:, :t]).logits
