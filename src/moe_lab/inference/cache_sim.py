@@ -8,8 +8,9 @@ Scopes:
 
 Requests are replayed token by token, layer by layer, slot by slot: the order an expert-offloading runtime
 asks for experts while decoding. Before a token's requests at a layer the policy is told which experts that
-token will ask for (``CachePolicy.begin``: the router has chosen them before any expert is loaded). Every policy runs on the same request stream, so Belady's MIN is an upper
-bound of all of them (a property the tests check).
+token will ask for (``CachePolicy.begin``: the router has chosen them before any expert is loaded). Every
+policy runs on the same request stream, so Belady's MIN is an upper bound of all of them (a property the
+tests check).
 
 Example:
     >>> import torch
