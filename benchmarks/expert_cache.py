@@ -20,7 +20,7 @@ Models:
     held-out ratio. The calibration sequences are spread over the whole training split.
 (b) Greedy decode (batch 1, KV cache) with every expert resident vs ``enable_dynamic_loading(cache_size=E//2,
     storage="disk")`` (experts memory-mapped from safetensors files; LRU), without and with speculative
-    prefetch, run in rotation; target: offloaded >= 0.6x the all-resident tokens/s. The all-resident model
+    prefetch, and with the ``markov`` policy, run in rotation; target: offloaded >= 0.6x the all-resident tokens/s. The all-resident model
     runs with its default expert implementation and with ``impl="loop"`` (the per-expert path offloading
     uses); ratios are against the faster of the two.
 
@@ -149,10 +149,12 @@ def decode_rows(
     variants: dict[str, Any] = {"all resident": copy.deepcopy(model).eval(), "all resident (impl=loop)": loop}
     closers = []
     caches = {}
-    for label, prefetch in (("E/2 on disk", False), ("E/2 on disk + prefetch", True)):
+    offloaded = (("E/2 on disk", "lru", False), ("E/2 on disk + prefetch", "lru", True),
+                 ("E/2 on disk, markov", "markov", False))  # fmt: skip
+    for label, policy, prefetch in offloaded:
         opt = OptimizedMoEModel(copy.deepcopy(model).eval())
         caches[label] = opt.enable_dynamic_loading(
-            cache_size=e // 2, eviction_policy="lru", storage="disk", prefetch=prefetch
+            cache_size=e // 2, eviction_policy=policy, storage="disk", prefetch=prefetch
         )
         variants[label] = opt.model
         closers.append(opt.close)
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         drows, ratios = decode_rows(model, name, prompt, new, reps)
         dec += drows
         for k, r in ratios.items():
-            tag = "prefetch" if "prefetch" in k else "lru"
+            tag = "prefetch" if "prefetch" in k else "markov" if "markov" in k else "lru"
             records.append(
                 record(f"expert_cache/{name}/decode_half_resident_{tag}_vs_all", r, higher_is_better=True)
             )
