@@ -281,20 +281,23 @@ class MarkovPolicy(CachePolicy):
     def _rank(self, key: Key) -> tuple[float, int]:
         return self._score.get(key, 0.0), self._freq.get(key, 0)
 
+    def _victim(self) -> Key:
+        return min(self._resident, key=self._rank)
+
     def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
         if key in self._resident:
             return True
         if len(self._resident) < self.capacity:
             self._resident.add(key)
             return False
-        victim = min(self._resident, key=self._rank)
+        victim = self._victim()
         if self._rank(key) > self._rank(victim):
             self._resident.discard(victim)
             self._resident.add(key)
         return False  # else bypass: less likely to be used next than every resident
 
     def evict_candidate(self) -> Key | None:
-        return min(self._resident, key=self._rank) if len(self._resident) >= self.capacity else None
+        return self._victim() if len(self._resident) >= self.capacity else None
 
 
 class PinPolicy(CachePolicy):

@@ -15,7 +15,6 @@ Shape legend: N rows sorted by expert, D model dim, F expert FFN dim, E experts.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch
@@ -30,15 +29,15 @@ from moe_lab.nn.router import RoutingDecision
 __all__ = ["CachedExperts", "QuantizedExperts", "SubsetExperts", "expert_ffn", "grouped_ffn"]
 
 
-def expert_ffn(x_ND: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor) -> Tensor:
-    """One expert: SwiGLU when ``w3_DF`` is given, else exact GELU."""
-    h1 = x_ND @ w1_DF.to(x_ND.dtype)
-    h = F.silu(h1) * (x_ND @ w3_DF.to(x_ND.dtype)) if w3_DF is not None else F.gelu(h1)
-    return h @ w2_FD.to(x_ND.dtype)
-
-
 def _activation(h1: Tensor, h3: Tensor | None) -> Tensor:
     return F.silu(h1) * h3 if h3 is not None else F.gelu(h1)
+
+
+def expert_ffn(x_ND: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor) -> Tensor:
+    """One expert: SwiGLU when ``w3_DF`` is given, else exact GELU."""
+    dt = x_ND.dtype
+    h3 = x_ND @ w3_DF.to(dt) if w3_DF is not None else None
+    return _activation(x_ND @ w1_DF.to(dt), h3) @ w2_FD.to(dt)
 
 
 def _check_counts(counts: list[int], num_experts: int, rows: int) -> None:
@@ -127,25 +126,20 @@ class CachedExperts(nn.Module):
         for larger batches (the layer then dispatches and calls :meth:`forward`). The MoE layer calls it in
         eval mode only.
         """
-        idx_TK = decision.expert_indices
-        if idx_TK.numel() > PAIRS_MAX_SLOTS:
+        if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
             return None
         self._prefetch_next()
-        kept = [
-            e
-            for row, keep in zip(idx_TK.tolist(), decision.slot_mask.tolist())
-            for e, k in zip(row, keep)
-            if k
-        ]
-        self.cache.begin(self.layer_id, list(dict.fromkeys(kept)))
-        tokens_per_expert = Counter(kept)
 
-        def weights_of(e: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        def weights_for(used: dict[int, int]) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:
+            self.cache.begin(self.layer_id, used)
             w = self._last_weights_E
-            ws = self.cache.get(self.layer_id, e, float(w[e]) if w is not None else tokens_per_expert[e])
-            return ws["w1"], ws.get("w3"), ws["w2"]
+            mats: dict[int, tuple[Tensor, Tensor | None, Tensor]] = {}
+            for e, n in used.items():
+                ws = self.cache.get(self.layer_id, e, float(w[e]) if w is not None else float(n))
+                mats[e] = (ws["w1"], ws.get("w3"), ws["w2"])
+            return mats
 
-        return pairs_moe(x_TD, decision, weights_of, _activation)
+        return pairs_moe(x_TD, decision, weights_for, _activation)
 
     def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
         _check_counts(counts, self.num_experts, x_ND.shape[0])
@@ -229,11 +223,17 @@ class QuantizedExperts(nn.Module):
         assert q1 is not None and q2 is not None
         dt = x_TD.dtype
 
-        def weights_of(e: int) -> tuple[Tensor, Tensor | None, Tensor]:
-            w3 = q3.dequantize_expert(e, dt) if q3 is not None else None
-            return q1.dequantize_expert(e, dt), w3, q2.dequantize_expert(e, dt)
+        def weights_for(used: dict[int, int]) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:
+            return {
+                e: (
+                    q1.dequantize_expert(e, dt),
+                    q3.dequantize_expert(e, dt) if q3 is not None else None,
+                    q2.dequantize_expert(e, dt),
+                )
+                for e in used
+            }
 
-        return pairs_moe(x_TD, decision, weights_of, _activation)
+        return pairs_moe(x_TD, decision, weights_for, _activation)
 
     def weight_bytes(self) -> int:
         return sum(q.nbytes for q in (self.q_w1, self.q_w3, self.q_w2) if q is not None)
@@ -272,7 +272,7 @@ class SubsetExperts(nn.Module):
         """Decode-sized batches: the ``"pairs"`` loop over the loaded experts (None for larger batches)."""
         if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
             return None
-        return pairs_moe(x_TD, decision, self._expert, _activation)
+        return pairs_moe(x_TD, decision, lambda used: {e: self._expert(e) for e in used}, _activation)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, loaded={len(self.keep)}"

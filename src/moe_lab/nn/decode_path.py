@@ -133,23 +133,23 @@ ExpertTriple = tuple[Tensor, Tensor | None, Tensor]  # (w1 [D, F], w3 [D, F] or 
 def pairs_moe(
     x_TD: Tensor,
     decision: RoutingDecision,
-    weights_of: Callable[[int], ExpertTriple],
+    weights_for: Callable[[dict[int, int]], dict[int, ExpertTriple]],
     hidden: Callable[[Tensor, Tensor | None], Tensor],
 ) -> Tensor:
-    """The ``"pairs"`` method with the weights from anywhere: ``weights_of(e)`` gives expert e's matrices.
+    """The ``"pairs"`` method with the weights from anywhere.
 
     A Python loop over the kept (token, slot) pairs, three matrix-vector products each, weighted and summed
-    per token. ``weights_of`` is called once per distinct kept expert, in order of first use (slot order of
-    the first token, then the next token's new experts), before any matmul; ``hidden(h1, h3)`` is the
-    activation (``silu(h1) * h3`` for SwiGLU, ``gelu(h1)`` without ``w3``). Used by the stacked experts
-    (``"pairs"``) and by the offloaded experts (:class:`moe_lab.inference.expert_modules.CachedExperts`),
-    so both give the same bits.
+    per token. ``weights_for(used)`` is called once, before any matmul, with the kept experts in order of
+    first use (slot order of the first token, then the next token's new experts), each with its number of
+    kept slots, and returns each one's matrices; ``hidden(h1, h3)`` is the activation (``silu(h1) * h3`` for
+    SwiGLU, ``gelu(h1)`` without ``w3``). Used by the stacked experts (``"pairs"``) and by the offloaded,
+    quantised and subset experts of :mod:`moe_lab.inference.expert_modules`, so all give the same bits.
 
     >>> w1, w2 = torch.randn(3, 4, 6), torch.randn(3, 6, 4)
     >>> from moe_lab.nn.router import TopKRouter
     >>> x = torch.randn(2, 4)
-    >>> out = pairs_moe(x, TopKRouter(4, 3, top_k=2)(x), lambda e: (w1[e], None, w2[e]), lambda h1, h3: F.gelu(h1))
-    >>> out.shape
+    >>> mats = lambda used: {e: (w1[e], None, w2[e]) for e in used}
+    >>> pairs_moe(x, TopKRouter(4, 3, top_k=2)(x), mats, lambda h1, h3: F.gelu(h1)).shape
     torch.Size([2, 4])
     """
     dtype = x_TD.dtype
@@ -157,12 +157,15 @@ def pairs_moe(
     weights = _cast(decision.combine_weights, dtype).tolist()
     keep = decision.slot_mask.tolist()
     experts_TK = decision.expert_indices.tolist()
-    mats: dict[int, ExpertTriple] = {}
+    used: dict[int, int] = {}
     for experts_k, keep_k in zip(experts_TK, keep):
         for e, kept in zip(experts_k, keep_k):
-            if kept and e not in mats:
-                w1, w3, w2 = weights_of(e)
-                mats[e] = (_cast(w1, dtype), _cast(w3, dtype) if w3 is not None else None, _cast(w2, dtype))
+            if kept:
+                used[e] = used.get(e, 0) + 1
+    mats = {
+        e: (_cast(w1, dtype), _cast(w3, dtype) if w3 is not None else None, _cast(w2, dtype))
+        for e, (w1, w3, w2) in weights_for(used).items()
+    }
     rows: list[Tensor] = []
     for t, (experts_k, keep_k) in enumerate(zip(experts_TK, keep)):
         x_1D = x_TD[t : t + 1]
@@ -181,10 +184,10 @@ def pairs_moe(
 def _pairs(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor:
     w1_EDF, w3_EDF, w2_EFD = experts.w1_EDF, experts.w3_EDF, experts.w2_EFD
 
-    def weights_of(e: int) -> ExpertTriple:
-        return w1_EDF[e], w3_EDF[e] if w3_EDF is not None else None, w2_EFD[e]
+    def weights_for(used: dict[int, int]) -> dict[int, ExpertTriple]:
+        return {e: (w1_EDF[e], w3_EDF[e] if w3_EDF is not None else None, w2_EFD[e]) for e in used}
 
-    return pairs_moe(x_TD, decision, weights_of, experts._hidden)
+    return pairs_moe(x_TD, decision, weights_for, experts._hidden)
 
 
 def _grouped(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: str = "auto") -> Tensor:
