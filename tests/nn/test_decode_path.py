@@ -228,3 +228,27 @@ def test_grouped_method_with_loop_impl_uses_plain_matmuls() -> None:
             loop = small_batch_moe(x_TD, decision, experts, "grouped", impl="loop")
     torch.testing.assert_close(loop, fast)
     assert counter.get_total_flops() == 2 * 24 * 3 * 16 * 32  # 24 slots x 3 matmuls of [1, 16] x [16, 32]
+
+
+@pytest.mark.parametrize("method", ["dense", "pairs", "grouped", "padded"])
+@pytest.mark.parametrize("t", [1, 3, 8])
+def test_all_kept_decision_gives_the_same_bits(method: str, t: int) -> None:
+    """The routers' dropless fast path (masks and counts made on first read, ``all_kept`` skips them) against
+    the same decision built in full."""
+    experts, router, x_TD = _setup(3, t, 8, 2)
+    with torch.no_grad():
+        lazy = router.eval()(x_TD)
+        assert lazy.all_kept
+        full = RoutingDecision(
+            expert_indices=lazy.expert_indices,
+            combine_weights=lazy.combine_weights,
+            slot_mask=torch.ones_like(lazy.expert_indices, dtype=torch.bool),
+            dropped=torch.zeros_like(lazy.expert_indices, dtype=torch.bool),
+            router_logits=lazy.router_logits,
+            router_probs=lazy.router_probs,
+            tokens_per_expert=torch.bincount(lazy.expert_indices.reshape(-1), minlength=8),
+        )
+        got = small_batch_moe(x_TD, lazy, experts, method)
+        want = small_batch_moe(x_TD, full, experts, method)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, _reference(x_TD, full, experts), rtol=1e-5, atol=1e-5)

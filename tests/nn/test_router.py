@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -227,3 +228,39 @@ def test_detach_and_drop_rate() -> None:
     dd = d.detach()
     assert isinstance(dd, RoutingDecision) and not dd.router_logits.requires_grad
     assert 0.0 < d.drop_rate() < 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_all_kept_decision_reads_like_the_full_one(seed: int) -> None:
+    # the dropless fast path leaves the masks and counts out; read, they equal what the constructor gets
+    g = torch.Generator().manual_seed(seed)
+    t, e, k = 9, 6, 2
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    w, logits = torch.rand(t, k, generator=g), torch.randn(t, e, generator=g)
+    lazy = RoutingDecision.all_kept_decision(idx, w, logits, logits.softmax(-1))
+    assert lazy.all_kept
+    assert torch.equal(lazy.tokens_per_expert, torch.bincount(idx.reshape(-1), minlength=e))
+    assert lazy.all_kept  # the counts do not need the mask
+    assert torch.equal(lazy.slot_mask, torch.ones(t, k, dtype=torch.bool))
+    assert not lazy.all_kept  # read once: now an ordinary decision
+    assert torch.equal(lazy.dropped, torch.zeros(t, k, dtype=torch.bool))
+    _check(lazy)
+    full = RoutingDecision(
+        idx, w, torch.ones(t, k, dtype=torch.bool), torch.zeros(t, k, dtype=torch.bool), logits,
+        logits.softmax(-1), torch.bincount(idx.reshape(-1), minlength=e),
+    )  # fmt: skip
+    assert not full.all_kept
+    copy = dataclasses.replace(RoutingDecision.all_kept_decision(idx, w, logits, logits), capacity=4)
+    assert copy.capacity == 4 and torch.equal(copy.slot_mask, full.slot_mask)
+    assert RoutingDecision.all_kept_decision(idx, w, logits, logits).detach().drop_rate() == 0.0
+    # a mask written by a caller stays the caller's (it is an ordinary tensor once read)
+    other = RoutingDecision.all_kept_decision(idx, w, logits, logits)
+    other.slot_mask[0, 0] = False
+    assert not RoutingDecision.all_kept_decision(idx, w, logits, logits).slot_mask.logical_not().any()
+
+
+def test_eval_routers_take_the_all_kept_path_only_without_capacity_or_padding() -> None:
+    x = torch.randn(5, 16)
+    assert TopKRouter(16, 4, top_k=2).eval()(x).all_kept
+    assert not TopKRouter(16, 4, top_k=2, capacity_factor=1.0).eval()(x).all_kept
+    assert not TopKRouter(16, 4, top_k=2).eval()(x, token_mask=torch.tensor([1, 1, 0, 1, 1]).bool()).all_kept

@@ -155,8 +155,8 @@ def pairs_moe(
     dtype = x_TD.dtype
     # the weights as Python floats (exact: a float32 value round-trips through a double), no 0-dim tensors
     weights = _cast(decision.combine_weights, dtype).tolist()
-    keep = decision.slot_mask.tolist()
     experts_TK = decision.expert_indices.tolist()
+    keep = [[True] * len(row) for row in experts_TK] if decision.all_kept else decision.slot_mask.tolist()
     used: dict[int, int] = {}
     for experts_k, keep_k in zip(experts_TK, keep):
         for e, kept in zip(experts_k, keep_k):
@@ -254,7 +254,12 @@ def _padded(x_TD: Tensor, decision: RoutingDecision, experts: Experts) -> Tensor
     e, dtype = experts.num_experts, x_TD.dtype
     # the layout is worked out on the host from the (few) expert ids: one read of them instead of a dozen
     # small tensor ops (one-hot, cumsum, gathers, scatters); a dropped slot has id -1
-    sel = torch.where(decision.slot_mask, decision.expert_indices, -1).reshape(-1).tolist()
+    kept_ids = (
+        decision.expert_indices
+        if decision.all_kept
+        else torch.where(decision.slot_mask, decision.expert_indices, -1)
+    )
+    sel = kept_ids.reshape(-1).tolist()
     loads = [0] * e
     rank = [0] * len(sel)
     for n, ex in enumerate(sel):
