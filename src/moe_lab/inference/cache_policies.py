@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 
 __all__ = [
     "POLICIES",
@@ -91,12 +91,12 @@ class CachePolicy:
         next ``begin``."""
         self._current = frozenset(keys)
 
-    def _evictable(self, resident: Iterable[Key]) -> list[Key]:
-        """The resident keys the current token does not use (in ``resident``'s order; all of them when the
-        policy does not protect the current token's keys)."""
+    def _evictable(self, resident: Iterable[Key]) -> Iterator[Key]:
+        """The resident keys the current token does not use, lazily, in ``resident``'s order (all of them when
+        the policy does not protect the current token's keys)."""
         if not self.protects_current:
-            return list(resident)
-        return [k for k in resident if k not in self._current]
+            return iter(resident)
+        return (k for k in resident if k not in self._current)
 
 
 class LRUPolicy(CachePolicy):
@@ -113,7 +113,7 @@ class LRUPolicy(CachePolicy):
         return set(self._order)
 
     def _victim(self) -> Key | None:
-        return next(iter(self._evictable(self._order)), None)
+        return next(self._evictable(self._order), None)
 
     def access(self, key: Key, t: int, weight: float = 1.0) -> bool:
         if key in self._order:

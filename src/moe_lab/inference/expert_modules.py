@@ -40,6 +40,11 @@ def expert_ffn(x_ND: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor)
     return _activation(x_ND @ w1_DF.to(dt), h3) @ w2_FD.to(dt)
 
 
+def _decode_sized(decision: RoutingDecision) -> bool:
+    """Whether ``decode_forward`` answers this batch (at most ``PAIRS_MAX_SLOTS`` token-expert slots)."""
+    return decision.expert_indices.numel() <= PAIRS_MAX_SLOTS
+
+
 def _check_counts(counts: list[int], num_experts: int, rows: int) -> None:
     if len(counts) != num_experts or sum(counts) != rows:
         raise ValueError(f"counts must have {num_experts} entries summing to {rows}, got {counts}")
@@ -126,7 +131,7 @@ class CachedExperts(nn.Module):
         for larger batches (the layer then dispatches and calls :meth:`forward`). The MoE layer calls it in
         eval mode only.
         """
-        if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
+        if not _decode_sized(decision):
             return None
         self._prefetch_next()
 
@@ -217,7 +222,7 @@ class QuantizedExperts(nn.Module):
 
         See :meth:`CachedExperts.decode_forward`; None for larger batches.
         """
-        if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
+        if not _decode_sized(decision):
             return None
         q1, q3, q2 = self._weights()
         assert q1 is not None and q2 is not None
@@ -270,7 +275,7 @@ class SubsetExperts(nn.Module):
 
     def decode_forward(self, x_TD: Tensor, decision: RoutingDecision) -> Tensor | None:
         """Decode-sized batches: the ``"pairs"`` loop over the loaded experts (None for larger batches)."""
-        if decision.expert_indices.numel() > PAIRS_MAX_SLOTS:
+        if not _decode_sized(decision):
             return None
         return pairs_moe(x_TD, decision, lambda used: {e: self._expert(e) for e in used}, _activation)
 
