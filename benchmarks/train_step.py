@@ -9,11 +9,16 @@ report the peak RSS growth during training (peak RSS, ``VmHWM``, minus the RSS b
 Run:
     python benchmarks/train_step.py                         # small preset, batch 8 x 256, CPU/CUDA auto
     python benchmarks/train_step.py --batch-size 16 --seq-len 128 --rounds 5 --append benchmarks/RESULTS.md
+    python benchmarks/train_step.py --precision bf16           # both sides under bfloat16 autocast
+
+``--precision bf16`` runs both models' forward under ``torch.autocast(bfloat16)`` with float32 weights and
+optimizer (``train.precision=bf16`` in moe-lab's trainer; ``bf16=True`` in Hugging Face's ``Trainer``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -66,13 +71,15 @@ def build(impl: str, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     return model.to(device).train()
 
 
-def make_step(model: torch.nn.Module, lr: float = 1e-3):
+def make_step(model: torch.nn.Module, lr: float = 1e-3, precision: str = "fp32"):
     # the AdamW MoETrainer builds (moe_lab.train.optim.adamw: torch's fused kernel where it applies), the
     # same for both sides; Hugging Face's Trainer defaults to the fused one too ("adamw_torch_fused")
     opt = adamw([{"params": list(model.parameters())}], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(ids: torch.Tensor) -> float:
-        out = model(input_ids=ids, labels=ids)
+        bf16 = precision == "bf16"
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -100,7 +107,7 @@ def throughput(
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
     impls = ["moe-lab", "hf-mixtral"]
-    steps = {name: make_step(build(name, cfg, device)) for name in impls}
+    steps = {name: make_step(build(name, cfg, device), precision=args.precision) for name in impls}
     for name in impls:
         for _ in range(args.warmup):
             steps[name](ids)
@@ -145,7 +152,7 @@ def memory_child(args: argparse.Namespace, impl: str, device: torch.device) -> d
     cfg = model_config(args)
     ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len)).to(device)
     model = build(impl, cfg, device)
-    step = make_step(model)
+    step = make_step(model, precision=args.precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -185,6 +192,12 @@ def main() -> None:
     p.add_argument("--append", metavar="RESULTS_MD", help="append a results section to this markdown file")
     p.add_argument("--out", metavar="JSON", help="write ratio records for benchmarks/compare.py")
     p.add_argument("--quick", action="store_true", help="CI size: batch 4 x 128, 2 rounds of 2 steps")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: both sides under bfloat16 autocast",
+    )
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -229,14 +242,15 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
+        key = "train_step" if args.precision == "fp32" else "train_step_bf16"
         records = [
-            {"name": "train_step/tokens_per_s_vs_hf_mixtral", "ratio": ratio, "higher_is_better": True},
+            {"name": f"{key}/tokens_per_s_vs_hf_mixtral", "ratio": ratio, "higher_is_better": True},
             {
-                "name": "train_step/tokens_per_cpu_s_vs_hf_mixtral",
+                "name": f"{key}/tokens_per_cpu_s_vs_hf_mixtral",
                 "ratio": cpu_ratio,
                 "higher_is_better": True,
             },
-            {"name": "train_step/peak_memory_vs_hf_mixtral", "ratio": mem_ratio, "higher_is_better": False},
+            {"name": f"{key}/peak_memory_vs_hf_mixtral", "ratio": mem_ratio, "higher_is_better": False},
         ]
         payload = {"records": records, "tokens_per_s": med, "tokens_per_cpu_s": cpu_med, "memory": mem}
         Path(args.out).write_text(json.dumps(payload, indent=2))
@@ -248,10 +262,15 @@ def main() -> None:
         load = os.getloadavg()[0]
         import transformers
 
+        precision_note = (
+            "bfloat16 autocast with float32 weights (both sides)" if args.precision == "bf16" else "float32"
+        )
+
         section = (
-            f"\n## Training step: moe-lab vs HF MixtralForCausalLM ({_dt.date.today().isoformat()})\n\n"
+            f"\n## Training step{' (bf16 autocast)' if args.precision == 'bf16' else ''}: moe-lab vs HF "
+            f"MixtralForCausalLM ({_dt.date.today().isoformat()})\n\n"
             f"Command: `{cmd}`  \n"
-            f"Device: {where}; preset `{args.preset}`, batch {args.batch_size} x {args.seq_len} tokens, AdamW (fused, both sides), "
+            f"Device: {where}; preset `{args.preset}`, batch {args.batch_size} x {args.seq_len} tokens, {precision_note}, AdamW (fused, both sides), "
             f"load-balancing loss on, z-loss off; torch {torch.__version__}, transformers {transformers.__version__}; "
             f"1-min load average at the end: {load:.1f}.\n\n{table}\n\n"
             f"Target: >= 1.2x HF's training tokens/s with no more peak memory: "

@@ -6,7 +6,14 @@ import pytest
 import torch
 from _moe_reference import reference_moe
 
-from moe_lab.nn.dispatch import dispatch_combine, moe_capacity, plan_dispatch
+from moe_lab.nn.dispatch import (
+    CPU_LOW_PRECISION_ROW_MULTIPLE,
+    _run_aligned,
+    dispatch_combine,
+    moe_capacity,
+    plan_dispatch,
+    row_multiple,
+)
 from moe_lab.nn.experts import Experts, has_grouped_mm
 from moe_lab.nn.router import ExpertChoiceRouter, SigmoidBiasRouter, SwitchRouter, TopKRouter
 
@@ -173,3 +180,39 @@ def test_auto_padded_layout_matches_reference(router_kind, activation, monkeypat
     _assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     for name in ref_grads:
         _assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["loop"] + (["grouped_mm"] if has_grouped_mm() else []))
+@pytest.mark.parametrize("multiple", [1, 4, 128])
+@pytest.mark.parametrize(("router_kind", "t", "e", "k"), [("top_k", 7, 8, 2), ("sigmoid_bias", 13, 6, 3)])
+def test_row_aligned_layout_matches_reference(impl, multiple, router_kind, t, e, k) -> None:
+    # the layout bfloat16 / float16 take on CPU (blocks padded with zero rows), checked exactly in float32
+    router, experts, x = _setup(router_kind, t, e, k, "swiglu", seed=multiple)
+    ref_out, ref_grads, decision = _run(router, experts, x, _reference_fn(experts))
+    assert decision.tokens_per_expert[-1] == 0  # an empty block: padded to 0 rows
+
+    def aligned(xx, d):
+        return _run_aligned(xx, plan_dispatch(d, e), experts, multiple, impl)
+
+    out, grads, _ = _run(router, experts, x, aligned)
+    _assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name, ref in ref_grads.items():
+        _assert_close(grads[name], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_low_precision_cpu_blocks_are_padded_to_the_row_multiple(monkeypatch) -> None:
+    router, experts, x = _setup("top_k", 24, 8, 2, "swiglu", seed=5, d=32, f=48)
+    experts = experts.to(torch.bfloat16)
+    seen: list[list[int]] = []
+    forward = Experts.forward
+
+    def spy(self, x_ND, counts, impl="auto"):
+        seen.append(list(counts))
+        return forward(self, x_ND, counts, impl)
+
+    monkeypatch.setattr(Experts, "forward", spy)
+    xb = x.to(torch.bfloat16)
+    dispatch_combine(xb, router(xb), experts)
+    multiple = CPU_LOW_PRECISION_ROW_MULTIPLE
+    assert row_multiple(xb) == multiple > 1 and row_multiple(x) == 1
+    assert seen and all(c % multiple == 0 for c in seen[0]) and sum(seen[0]) > 0

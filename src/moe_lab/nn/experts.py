@@ -41,6 +41,27 @@ def has_grouped_mm() -> bool:
 _LARGE_BYTES = HUGE_PAGE_BYTES  # from 2 MiB a pooled output (no page faults) beats the C++ loop's fresh one
 
 
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype when autocast is on for its device (and ``x`` is floating point), else ``x``.
+
+    ``torch._grouped_mm``, the batched matmuls of the expert layouts and the custom autograd functions here
+    are not on autocast's cast lists, so without this the routed experts (most of an MoE model's FLOPs) would
+    run in float32 under ``torch.autocast``, where an ``nn.Linear`` runs in bfloat16.
+
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     autocast_input(torch.ones(2)).dtype
+    torch.bfloat16
+    >>> autocast_input(torch.ones(2)).dtype
+    torch.float32
+    """
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x
+
+
 def _weight_grad(x_NX: Tensor, g_NY: Tensor, counts: list[int], shape: tuple[int, ...]) -> Tensor:
     """``grad_w[e] = x[rows of e]^T @ g[rows of e]`` written in place into one fresh ``[E, X, Y]`` buffer."""
     grad_EXY = empty_large(shape, g_NY)
@@ -280,6 +301,7 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: Tensor, counts: list[int], impl: str = "auto") -> Tensor:
         """Rows of ``x_ND`` sorted by expert (``counts[e]`` rows for expert e) -> expert outputs ``[N, D]``."""
+        x_ND = autocast_input(x_ND)
         impl = _resolve_impl(impl, self.hidden_size, self.ffn_hidden_size, x_ND.dtype)
         if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
             raise ValueError(
@@ -297,6 +319,7 @@ class Experts(nn.Module):
 
     def forward_capacity(self, x_ECD: Tensor) -> Tensor:
         """Fixed-capacity layout: ``x_ECD`` (C slots per expert, unused slots zero) -> ``[E, C, D]``."""
+        x_ECD = autocast_input(x_ECD)
         h1 = _bmm(x_ECD, self.w1_EDF.to(x_ECD.dtype))
         h3 = _bmm(x_ECD, self.w3_EDF.to(x_ECD.dtype)) if self.w3_EDF is not None else None
         return _bmm(self._hidden(h1, h3), self.w2_EFD.to(x_ECD.dtype))

@@ -69,6 +69,10 @@ class _Router(nn.Module):
         """Router logits ``[T, E]`` in float32 (whatever the input and gate dtypes)."""
         if x_TD.dim() != 2 or x_TD.shape[-1] != self.hidden_size:  # message built only on error
             _require(False, f"router input must have shape [T, {self.hidden_size}], got {tuple(x_TD.shape)}")
+        dev = x_TD.device.type
+        if torch.is_autocast_enabled(dev):  # routing in float32 under autocast too (it would cast to bf16)
+            with torch.autocast(dev, enabled=False):
+                return F.linear(x_TD.float(), self.gate.weight.float())
         return F.linear(x_TD.float(), self.gate.weight.float())
 
     @torch.no_grad()

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -251,17 +253,22 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k_BGSD, v_BGSD = kv_cache.update(self.layer_idx, k_BGSD, v_BGSD)
         n_rep = self.num_heads // self.num_kv_heads
-        # enable_gqa: SDPA reads each key/value group for its n_rep query heads (no repeat_kv copies)
-        out_BHSD = F.scaled_dot_product_attention(
-            q_BHSD,
-            k_BGSD,
-            v_BGSD,
-            attn_mask=mask_B1SK,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and s > 1,
-            scale=self.head_dim**-0.5,
-            enable_gqa=n_rep > 1,
-        )
+        dev = x_BSD.device.type
+        fp32_cpu = dev == "cpu" and grad and torch.is_autocast_enabled(dev)
+        with torch.autocast(dev, enabled=False) if fp32_cpu else contextlib.nullcontext():
+            if fp32_cpu:  # CPU autocast training: float32 SDPA (its bfloat16 backward is 1.4x slower)
+                q_BHSD, k_BGSD, v_BGSD = q_BHSD.float(), k_BGSD.float(), v_BGSD.float()
+            # enable_gqa: SDPA reads each key/value group for its n_rep query heads (no repeat_kv copies)
+            out_BHSD = F.scaled_dot_product_attention(
+                q_BHSD,
+                k_BGSD,
+                v_BGSD,
+                attn_mask=mask_B1SK,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal and s > 1,
+                scale=self.head_dim**-0.5,
+                enable_gqa=n_rep > 1,
+            )
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
     def _split_heads_qk(self, q_BSX: Tensor, k_BSY: Tensor, b: int, s: int) -> tuple[Tensor, Tensor]:
