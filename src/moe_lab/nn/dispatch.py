@@ -27,6 +27,7 @@ from moe_lab.nn.huge_pages import empty_large
 from moe_lab.nn.router import RoutingDecision
 
 __all__ = [
+    "CPU_LOW_PRECISION_ROW_MULTIPLE",
     "DISPATCH_IMPLS",
     "DispatchPlan",
     "dispatch_combine",
@@ -34,6 +35,7 @@ __all__ = [
     "moe_dropless",
     "plan_dispatch",
     "prefer_padded",
+    "row_multiple",
 ]
 
 DISPATCH_IMPLS = ("auto", "grouped_mm", "loop", "capacity")

@@ -24,6 +24,7 @@ __all__ = [
     "EXPERT_IMPLS",
     "Experts",
     "SharedExperts",
+    "autocast_input",
     "grouped_matmul",
     "grouped_mm_supported",
     "has_grouped_mm",
