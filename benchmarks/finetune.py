@@ -144,7 +144,7 @@ def build(args: argparse.Namespace, folder: Path, device: torch.device, kind: st
 
 
 def make_step(
-    model: torch.nn.Module, batches: list[torch.Tensor], kind: str
+    model: torch.nn.Module, batches: list[torch.Tensor], kind: str, precision: str = "fp32"
 ) -> tuple[Callable[[], float], int]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(
@@ -156,7 +156,8 @@ def make_step(
     def step() -> float:
         ids = batches[it["i"] % len(batches)]
         it["i"] += 1
-        out = model(ids, labels=ids) if kind == "moe-lab" else model(input_ids=ids, labels=ids)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(ids, labels=ids) if kind == "moe-lab" else model(input_ids=ids, labels=ids)
         loss = out.loss
         loss.backward()
         opt.step()
@@ -172,6 +173,12 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=2, help="steps per contender per round")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: both sides under bfloat16 autocast",
+    )
     ap.add_argument("--pin-mmap", action="store_true", help="time with glibc's mmap threshold pinned too")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -192,7 +199,7 @@ def main() -> int:
     if args.memory_child:
         kind, folder = args.memory_child
         pin_mmap_threshold()
-        fn, _ = make_step(build(args, Path(folder), device, kind), batches, kind)
+        fn, _ = make_step(build(args, Path(folder), device, kind), batches, kind, args.precision)
         fn()  # warm-up
         print(json.dumps({"peak_mb": peak_memory_mb(fn, device)}))
         return 0
@@ -227,8 +234,8 @@ def run(
         return 1
     steps = {}
     counts = {}
-    steps["moe-lab"], counts["moe-lab"] = make_step(ours, batches, "moe-lab")
-    steps["transformers+peft"], counts["transformers+peft"] = make_step(peer, batches, "peer")
+    steps["moe-lab"], counts["moe-lab"] = make_step(ours, batches, "moe-lab", args.precision)
+    steps["transformers+peft"], counts["transformers+peft"] = make_step(peer, batches, "peer", args.precision)
     if counts["moe-lab"] != counts["transformers+peft"]:
         print(f"trainable parameters differ: {counts}", file=sys.stderr)
         return 1
@@ -262,9 +269,10 @@ def run(
     ratio = rows[0][1] / rows[1][1]
     cpu_ratio = rows[1][3] / rows[0][3]
     mem_ratio = rows[0][4] / rows[1][4] if rows[1][4] > 0 else float("nan")
+    precision_s = "bf16 autocast (fp32 weights), both sides" if args.precision == "bf16" else "fp32"
     shape_s = (
         f"Mixtral-format, D={args.hidden}, F={args.ffn}, L={args.layers}, E={args.experts}, top-2, "
-        f"V={args.vocab}, batch {args.batch}x{args.seq}, LoRA r={args.rank} on q/k/v/o + experts, fp32, "
+        f"V={args.vocab}, batch {args.batch}x{args.seq}, LoRA r={args.rank} on q/k/v/o + experts, {precision_s}, "
         f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f} at the end"
     )
@@ -296,7 +304,8 @@ def run(
         date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with RESULTS.open("a", encoding="utf-8") as fh:
             fh.write(
-                f"\n## LoRA fine-tuning vs transformers + peft ({date})\n\n`{cmd.strip()}` on {platform.machine()} "
+                f"\n## LoRA fine-tuning{' (bf16 autocast, both sides)' if args.precision == 'bf16' else ''} "
+                f"vs transformers + peft ({date})\n\n`{cmd.strip()}` on {platform.machine()} "
                 f"({os.cpu_count()} CPUs, shared machine)\n\n{shape_s}\n\n{table}\n"
             )
     return 0

@@ -156,3 +156,24 @@ def test_bad_targets(tiny_model) -> None:
     dense = MoEModel(vocab_size=96, hidden_size=32, num_heads=4, num_experts=0)
     with pytest.raises(ValueError, match="no matching module"):
         apply_lora(dense, LoRAConfig(target_modules=["experts"]))
+
+
+def test_adapters_train_under_bf16_autocast(tiny_model) -> None:
+    # every LoRA product in one dtype: before, float32 and bfloat16 operands met in an in-place addmm
+    lora = apply_lora(tiny_model, LoRAConfig(rank=4, alpha=8, target_modules=["attention", "experts"]))
+    _randomise_adapters(lora)
+    ids = torch.randint(0, 96, (2, 24))
+    ref = tiny_model(ids, labels=ids).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+    tiny_model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = tiny_model(ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    assert ref_grads and all(".lora_" in n for n in ref_grads)
+    for n, p in tiny_model.named_parameters():
+        if n in ref_grads:
+            assert p.grad is not None and p.grad.dtype == torch.float32, n
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref_grads[n].flatten(), dim=0)
+            assert float(cos) > 0.97, n

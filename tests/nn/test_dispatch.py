@@ -216,3 +216,20 @@ def test_low_precision_cpu_blocks_are_padded_to_the_row_multiple(monkeypatch) ->
     multiple = CPU_LOW_PRECISION_ROW_MULTIPLE
     assert row_multiple(xb) == multiple > 1 and row_multiple(x) == 1
     assert seen and all(c % multiple == 0 for c in seen[0]) and sum(seen[0]) > 0
+
+
+def test_row_aligned_layout_with_lora_experts_matches_the_plain_dispatch() -> None:
+    from moe_lab.finetune.lora_layers import LoRAExperts
+
+    router, experts, x = _setup("top_k", 11, 8, 2, "swiglu", seed=9)
+    lora = LoRAExperts(experts, rank=4, alpha=8.0, dropout=0.0, expert_wise=True, weights=["w1", "w3", "w2"])
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_()  # a non-zero update
+    ref, ref_grads, _ = _run(router, lora, x, lambda xx, d: dispatch_combine(xx, d, lora, impl="loop"))
+    out, grads, _ = _run(
+        router, lora, x, lambda xx, d: _run_aligned(xx, plan_dispatch(d, 8), lora, 16, "loop")
+    )
+    _assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, g in ref_grads.items():
+        _assert_close(grads[name], g, atol=1e-5, rtol=1e-5)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lab.nn.experts import Experts, grouped_matmul, grouped_mm_supported
+from moe_lab.nn.experts import Experts, autocast_input, grouped_matmul, grouped_mm_supported
 
 __all__ = ["LoRAExperts", "LoRALinear", "lora_matmul"]
 
@@ -189,6 +189,12 @@ def lora_matmul(
         raise ValueError(f"B has {b.shape[-1]} columns, the base weights {[w.shape[2] for w in ws]}")
     if impl == "grouped_mm" and offs_E is None:
         offs_E = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_NX.device)
+    # one compute dtype for every product: the autocast dtype under autocast (the function's in-place and
+    # out= products are not on autocast's lists, so mixed float32 / bfloat16 operands would meet there)
+    x_NX = autocast_input(x_NX)
+    dt = x_NX.dtype
+    xd_NX = None if xd_NX is None else xd_NX.to(dt)
+    a, b, ws = a.to(dt), b.to(dt), [w.to(dt) for w in ws]
     out: tuple[Tensor, ...] = _LoRAMatmul.apply(x_NX, xd_NX, a, b, scale, counts, offs_E, impl, *ws)
     return out
 
@@ -228,7 +234,7 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight.to(x.dtype).t()[None]
         (y,) = lora_matmul(x2, xd, [w], a.t(), b.t(), self.scale, [x2.shape[0]], None, "loop")
         if self.base_layer.bias is not None:
-            y = y + self.base_layer.bias.to(x.dtype)
+            y = y + self.base_layer.bias.to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta(self) -> Tensor:

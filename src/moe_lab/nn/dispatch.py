@@ -164,7 +164,7 @@ def moe_dropless(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl
     if plan.token_idx_N.numel() == 0:
         return torch.zeros_like(x_TD)
     multiple = row_multiple(x_TD)
-    if multiple > 1 and type(experts) is Experts:
+    if multiple > 1:  # any experts type: rows are independent, padding rows are zeros and never read
         return _run_aligned(x_TD, plan, experts, multiple, impl)
     if (
         impl == "auto"
