@@ -50,13 +50,18 @@ def test_moe_layer_experts_run_in_the_autocast_dtype(monkeypatch) -> None:
 
     ref_y, ref_grads = run(False)
     dtypes: list[torch.dtype] = []
-    forward = Experts.forward
+    forward, forward_capacity = Experts.forward, Experts.forward_capacity
 
     def spy(self, x_ND, counts, impl="auto"):
         dtypes.append(x_ND.dtype)
         return forward(self, x_ND, counts, impl)
 
+    def spy_capacity(self, x_ECD):  # the batched layout (several CPU threads, small blocks)
+        dtypes.append(x_ECD.dtype)
+        return forward_capacity(self, x_ECD)
+
     monkeypatch.setattr(Experts, "forward", spy)
+    monkeypatch.setattr(Experts, "forward_capacity", spy_capacity)
     y, grads = run(True)
     assert dtypes == [torch.bfloat16] and y.dtype == torch.bfloat16
     assert _rel(y, ref_y) < 0.03

@@ -7,7 +7,7 @@ import torch
 from _moe_reference import reference_moe
 
 from moe_lab.nn.dispatch import (
-    CPU_LOW_PRECISION_ROW_MULTIPLE,
+    ROW_MULTIPLE_SHAPES,
     _run_aligned,
     dispatch_combine,
     moe_capacity,
@@ -201,21 +201,38 @@ def test_row_aligned_layout_matches_reference(impl, multiple, router_kind, t, e,
 
 
 def test_low_precision_cpu_blocks_are_padded_to_the_row_multiple(monkeypatch) -> None:
-    router, experts, x = _setup("top_k", 24, 8, 2, "swiglu", seed=5, d=32, f=48)
+    router, experts, x = _setup("top_k", 96, 8, 2, "swiglu", seed=5, d=32, f=48)
     experts = experts.to(torch.bfloat16)
-    seen: list[list[int]] = []
-    forward = Experts.forward
+    xb = x.to(torch.bfloat16)
+    decision = router(xb)
+    most = int(decision.tokens_per_expert.max())
+    multiple = row_multiple(xb, most)
+    assert multiple > 1 and row_multiple(x, most) == 1 and row_multiple(xb, ROW_MULTIPLE_SHAPES) == 1
+    assert most / ROW_MULTIPLE_SHAPES <= multiple < 2 * most / ROW_MULTIPLE_SHAPES
+    grouped: list[list[int]] = []
+    padded: list[int] = []
+    forward, forward_capacity = Experts.forward, Experts.forward_capacity
 
     def spy(self, x_ND, counts, impl="auto"):
-        seen.append(list(counts))
+        grouped.append(list(counts))
         return forward(self, x_ND, counts, impl)
 
+    def spy_capacity(self, x_ECD):
+        padded.append(x_ECD.shape[1])
+        return forward_capacity(self, x_ECD)
+
     monkeypatch.setattr(Experts, "forward", spy)
-    xb = x.to(torch.bfloat16)
-    dispatch_combine(xb, router(xb), experts)
-    multiple = CPU_LOW_PRECISION_ROW_MULTIPLE
-    assert row_multiple(xb) == multiple > 1 and row_multiple(x) == 1
-    assert seen and all(c % multiple == 0 for c in seen[0]) and sum(seen[0]) > 0
+    monkeypatch.setattr(Experts, "forward_capacity", spy_capacity)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the grouped layout: each block padded
+        dispatch_combine(xb, decision, experts)
+        torch.set_num_threads(2)  # the batched layout: one capacity, rounded up
+        dispatch_combine(xb, decision, experts)
+    finally:
+        torch.set_num_threads(threads)
+    assert grouped and all(c % multiple == 0 for c in grouped[0]) and sum(grouped[0]) > 0
+    assert padded and padded[0] % multiple == 0 and padded[0] >= most
 
 
 def test_row_aligned_layout_with_lora_experts_matches_the_plain_dispatch() -> None:

@@ -16,6 +16,7 @@ Two layouts, chosen by ``impl`` (not by copy-paste):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ from moe_lab.nn.huge_pages import empty_large
 from moe_lab.nn.router import RoutingDecision
 
 __all__ = [
-    "CPU_LOW_PRECISION_ROW_MULTIPLE",
     "DISPATCH_IMPLS",
+    "ROW_MULTIPLE_SHAPES",
     "DispatchPlan",
     "dispatch_combine",
     "moe_capacity",
@@ -163,41 +164,52 @@ def moe_dropless(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl
     plan = plan_dispatch(decision, experts.num_experts)
     if plan.token_idx_N.numel() == 0:
         return torch.zeros_like(x_TD)
-    multiple = row_multiple(x_TD)
-    if multiple > 1:  # any experts type: rows are independent, padding rows are zeros and never read
-        return _run_aligned(x_TD, plan, experts, multiple, impl)
+    most = max(plan.counts)
+    multiple = row_multiple(x_TD, most)  # > 1: bf16 / fp16 on CPU, blocks padded to repeating sizes
     if (
         impl == "auto"
         and x_TD.device.type == "cpu"
         and type(experts) is Experts  # subclasses (quantised, cached) only implement the grouped layout
         and prefer_padded(plan.counts)
     ):
-        return _run_padded(x_TD, plan, experts, max(plan.counts))
+        return _run_padded(x_TD, plan, experts, -(-most // multiple) * multiple)
+    if multiple > 1:  # any experts type: rows are independent, padding rows are zeros and never read
+        return _run_aligned(x_TD, plan, experts, multiple, impl)
     x_ND = _GatherRows.apply(x_TD, plan.token_idx_N)
     y_ND = experts(x_ND, plan.counts, impl=impl)
     return _WeightedScatterAdd.apply(y_ND, plan.weights_N.to(y_ND.dtype), plan.token_idx_N, x_TD.shape[0])
 
 
-CPU_LOW_PRECISION_ROW_MULTIPLE = 128
-"""Rows per expert block are padded to a multiple of this for bfloat16 / float16 on CPU (see :func:`row_multiple`)."""
+ROW_MULTIPLE_SHAPES = 8
+"""With bfloat16 / float16 on CPU, expert blocks are padded to multiples of about ``max rows / 8``
+(see :func:`row_multiple`)."""
 
 
-def row_multiple(x: Tensor) -> int:
-    """Row multiple the dropless path pads each expert's block to: 128 for bfloat16 / float16 on CPU, else 1.
+def row_multiple(x: Tensor, max_rows: int) -> int:
+    """Row multiple the dropless path pads each expert's block to when the largest block has ``max_rows``:
+    for bfloat16 / float16 on CPU the power of two at or above ``max_rows / 8``, else 1.
 
     Low-precision CPU matmuls run through oneDNN, which compiles (JIT) a kernel for each new matrix shape
     and keeps it: about 4 ms per new row count, measured here, against 0.3 ms for a ``[600, 512] @ [512, 256]``
     product itself. Expert loads change every training step, so unpadded blocks compile on almost every call
     (and the kernel cache grows: 908 MiB peak RSS against 588 MiB padded, ``small`` preset, 4 steps). Padded
-    with zero rows (whose outputs are never read) to multiples of 128, the shapes repeat. Measured on the
-    ``small`` preset (batch 8 x 256, 2 threads, new batches each step): 298-354 ms per step with 128, 366-410
-    with 64, 365-388 with 256 (more padding).
+    with zero rows (whose outputs are never read), a step has at most about 9 distinct block sizes, which
+    repeat from step to step, for at most 1/8 more rows. Measured on the ``small`` preset (batch 8 x 256,
+    about 900 rows in the largest block: multiple 128; 2 threads, new batches each step): 298-354 ms per step
+    with 128, 366-410 with 64, 365-388 with 256. Small blocks (decode-sized, few possible sizes) get small
+    multiples.
 
-    >>> row_multiple(torch.ones(2, dtype=torch.bfloat16)), row_multiple(torch.ones(2))
+    >>> row_multiple(torch.ones(2, dtype=torch.bfloat16), 900), row_multiple(torch.ones(2, dtype=torch.bfloat16), 6)
     (128, 1)
+    >>> row_multiple(torch.ones(2), 900)
+    1
     """
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        return CPU_LOW_PRECISION_ROW_MULTIPLE
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and max_rows > ROW_MULTIPLE_SHAPES
+    ):
+        return 1 << math.ceil(math.log2(max_rows / ROW_MULTIPLE_SHAPES))
     return 1
 
 
