@@ -193,8 +193,9 @@ def row_multiple(x: Tensor, max_rows: int) -> int:
     and keeps it: about 4 ms per new row count, measured here, against 0.3 ms for a ``[600, 512] @ [512, 256]``
     product itself. Expert loads change every training step, so unpadded blocks compile on almost every call
     (and the kernel cache grows: 908 MiB peak RSS against 588 MiB padded, ``small`` preset, 4 steps). Padded
-    with zero rows (whose outputs are never read), a step has at most about 9 distinct block sizes, which
-    repeat from step to step, for at most 1/8 more rows. Measured on the ``small`` preset (batch 8 x 256,
+    with zero rows (whose outputs are never read) to multiples of ``m`` (``max_rows / 8 <= m < max_rows / 4``), a
+    step has at most 9 distinct block sizes, which repeat from step to step; each block grows by less than
+    ``m`` rows. Measured on the ``small`` preset (batch 8 x 256,
     about 900 rows in the largest block: multiple 128; 2 threads, new batches each step): 298-354 ms per step
     with 128, 366-410 with 64, 365-388 with 256. Small blocks (decode-sized, few possible sizes) get small
     multiples.
