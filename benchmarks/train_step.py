@@ -18,7 +18,6 @@ optimizer (``train.precision=bf16`` in moe-lab's trainer; ``bf16=True`` in Huggi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -77,8 +76,7 @@ def make_step(model: torch.nn.Module, lr: float = 1e-3, precision: str = "fp32")
     opt = adamw([{"params": list(model.parameters())}], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(ids: torch.Tensor) -> float:
-        bf16 = precision == "bf16"
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()

@@ -228,11 +228,12 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xd = self.dropout(x2) if self.training and isinstance(self.dropout, nn.Dropout) else None
-        w = self.base_layer.weight.to(x.dtype).t()[None]
-        (y,) = lora_matmul(x2, xd, [w], a.t(), b.t(), self.scale, [x2.shape[0]], None, "loop")
+        w = self.base_layer.weight.t()[None]  # lora_matmul casts every operand to one compute dtype
+        (y,) = lora_matmul(
+            x2, xd, [w], self.lora_A.t(), self.lora_B.t(), self.scale, [x2.shape[0]], None, "loop"
+        )
         if self.base_layer.bias is not None:
             y = y + self.base_layer.bias.to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])

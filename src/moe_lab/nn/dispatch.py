@@ -214,21 +214,37 @@ def row_multiple(x: Tensor, max_rows: int) -> int:
     return 1
 
 
+def _block_layout(
+    x_TD: Tensor, plan: DispatchPlan, sizes: list[int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sorted slots laid out in consecutive blocks of ``sizes[e]`` rows, zero rows where unused; slots past
+    their block's size (token order inside an expert) are dropped.
+
+    Returns ``(x_RD, row_N, token_N, weights_N)``: the rows, and for each slot that fits its row, token and
+    combine weight.
+    """
+    shift, ends, src, dst = [], [], 0, 0
+    for c, size in zip(plan.counts, sizes):
+        shift.append(dst - src)
+        src, dst = src + c, dst + size
+        ends.append(dst)
+    device = x_TD.device
+    expert_N = plan.expert_N
+    row_N = torch.arange(expert_N.numel(), device=device) + torch.tensor(shift, device=device)[expert_N]
+    token_N, weights_N = plan.token_idx_N, plan.weights_N
+    if any(c > size for c, size in zip(plan.counts, sizes)):
+        keep_N = row_N < torch.tensor(ends, device=device)[expert_N]
+        row_N, token_N, weights_N = row_N[keep_N], token_N[keep_N], weights_N[keep_N]
+    x_RD = x_TD.new_zeros(dst, x_TD.shape[1]).index_copy(0, row_N, x_TD.index_select(0, token_N))
+    return x_RD, row_N, token_N, weights_N
+
+
 def _run_aligned(x_TD: Tensor, plan: DispatchPlan, experts: Experts, multiple: int, impl: str) -> Tensor:
     """The grouped layout with each expert's block padded with zero rows to a multiple of ``multiple``."""
-    counts = plan.counts
-    padded = [-(-c // multiple) * multiple for c in counts]
-    shift, src, dst = [], 0, 0
-    for c, p in zip(counts, padded):
-        shift.append(dst - src)
-        src, dst = src + c, dst + p
-    device = x_TD.device
-    dest_N = (
-        torch.arange(plan.expert_N.numel(), device=device) + torch.tensor(shift, device=device)[plan.expert_N]
-    )
-    x_PD = x_TD.new_zeros(dst, x_TD.shape[1]).index_copy(0, dest_N, x_TD.index_select(0, plan.token_idx_N))
-    y_ND = experts(x_PD, padded, impl=impl).index_select(0, dest_N)
-    return _WeightedScatterAdd.apply(y_ND, plan.weights_N.to(y_ND.dtype), plan.token_idx_N, x_TD.shape[0])
+    padded = [-(-c // multiple) * multiple for c in plan.counts]
+    x_RD, row_N, token_N, weights_N = _block_layout(x_TD, plan, padded)
+    y_ND = experts(x_RD, padded, impl=impl).index_select(0, row_N)
+    return _WeightedScatterAdd.apply(y_ND, weights_N.to(y_ND.dtype), token_N, x_TD.shape[0])
 
 
 def moe_capacity(
@@ -259,17 +275,10 @@ def moe_capacity(
 def _run_padded(x_TD: Tensor, plan: DispatchPlan, experts: Experts, capacity: int) -> Tensor:
     """``[E, C, D]`` buffers (zero rows where unused), batched matmuls, slots past C dropped."""
     e, d = experts.num_experts, x_TD.shape[1]
-    out_TD = torch.zeros_like(x_TD)
-    counts_E = torch.tensor(plan.counts, device=x_TD.device)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    pos_N = torch.arange(plan.expert_N.numel(), device=x_TD.device) - starts_E[plan.expert_N]
-    keep_N = pos_N < capacity
-    slot_N = (plan.expert_N * capacity + pos_N)[keep_N]
-    token_N = plan.token_idx_N[keep_N]
-    x_ECD = x_TD.new_zeros(e * capacity, d).index_copy(0, slot_N, x_TD.index_select(0, token_N))
-    y_ECD = experts.forward_capacity(x_ECD.view(e, capacity, d)).view(e * capacity, d)
-    y_ND = y_ECD.index_select(0, slot_N) * plan.weights_N[keep_N].to(y_ECD.dtype)[:, None]
-    return out_TD.index_add(0, token_N, y_ND)
+    x_RD, row_N, token_N, weights_N = _block_layout(x_TD, plan, [capacity] * e)
+    y_RD = experts.forward_capacity(x_RD.view(e, capacity, d)).view(e * capacity, d)
+    y_ND = y_RD.index_select(0, row_N) * weights_N.to(y_RD.dtype)[:, None]
+    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
 
 
 def dispatch_combine(x_TD: Tensor, decision: RoutingDecision, experts: Experts, impl: str = "auto") -> Tensor:
