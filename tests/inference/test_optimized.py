@@ -224,6 +224,44 @@ def test_selective_loading_routes_to_loaded_experts(tmp_path):
     assert perplexity(opt, data) > 0
 
 
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_cache_size_as_a_byte_budget(scope):
+    # one expert of _model(): SwiGLU 32 -> 48 -> 32 in float32 = 3 x 32 x 48 x 4 bytes = 18,432 bytes
+    per_expert = 3 * 32 * 48 * 4
+    budget = 3 * per_expert + per_expert // 2  # 3.5 experts per layer
+    layers = 3
+    total = budget if scope == "per_layer" else budget * layers
+    base = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    opt = OptimizedMoEModel(_copy(base))
+    cache = opt.enable_dynamic_loading(f"{total}B", "lru", scope=scope, storage="host")
+    assert cache.capacity == 3  # whole experts only
+    with torch.no_grad():
+        assert torch.equal(opt(ids).logits, ref)
+    # the resident bytes never exceed the budget (per layer: each layer's share)
+    assert cache.resident_bytes() <= budget * layers
+    assert opt.expert_weight_bytes() == cache.resident_bytes()
+    if scope == "per_layer":
+        assert all(len(cache.resident_experts(i)) <= 3 for i in range(layers))
+    opt.close()
+    # decimal and binary units
+    assert OptimizedMoEModel(_copy(base)).enable_dynamic_loading("0.1MB", storage="host").capacity == 5
+    assert OptimizedMoEModel(_copy(base)).enable_dynamic_loading("0.1MiB", storage="host").capacity == 5
+
+
+def test_cache_size_budget_errors():
+    opt = OptimizedMoEModel(_copy(_model()))
+    with pytest.raises(
+        ValueError, match=r"cache_size '10KB' holds no expert per layer \(one expert is 18,432"
+    ):
+        opt.enable_dynamic_loading("10KB", storage="host")
+    with pytest.raises(ValueError, match="cache_size: expected a size such as"):
+        opt.enable_dynamic_loading("lots", storage="host")
+    assert opt.cache is None  # nothing half-enabled
+
+
 def test_errors(tmp_path):
     base = _model()
     opt = OptimizedMoEModel(_copy(base))

@@ -1,12 +1,16 @@
-"""``moe-lab generate RUN_DIR --prompt TEXT``: sample a continuation from a trained run.
+"""``moe-lab generate RUN_DIR|MODEL_DIR --prompt TEXT``: sample a continuation from a trained run or a model
+directory (a moe-lab model dir, a quantised one written by ``moe-lab quantize``, or a Hugging Face dir).
 
 Example:
     $ moe-lab generate runs/demo --prompt "def main(" --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --seed 0
+    $ moe-lab generate runs/demo-int8 --prompt "def main(" --temperature 0
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 __all__ = ["register", "run"]
 
@@ -14,10 +18,17 @@ __all__ = ["register", "run"]
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "generate",
-        help="generate text from a trained run",
-        description="Generate a continuation of --prompt with the newest checkpoint of a run (KV cache).",
+        help="generate text from a trained run or a model directory",
+        description=(
+            "Generate a continuation of --prompt (KV cache) with the newest checkpoint of a run, or with a "
+            "model directory (moe-lab, quantised or Hugging Face) and the tokenizer.json beside it."
+        ),
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `moe-lab train`")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR|MODEL_DIR",
+        help="a run directory written by `moe-lab train`, or a model directory",
+    )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy")
@@ -35,10 +46,29 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, _, tok, _ = load_run_model(args.run_dir, checkpoint=args.checkpoint)
+    path = Path(args.run_dir)
+    if not path.exists():
+        raise CLIError(f"not found: {path} (a run directory or a model directory)")
+    if (path / "checkpoints").is_dir() or args.checkpoint or not path.is_dir():
+        model, _, tok, _ = load_run_model(args.run_dir, checkpoint=args.checkpoint)
+    else:  # a model directory: its own tokenizer.json, else bytes
+        from moe_lab.cli.cmd_trace import _tokenizer
+        from moe_lab.inference.optimized import load_model
+
+        model = load_model(path)
+        model.eval()
+        tok, note = _tokenizer(path)
+        if note:
+            print(note, file=sys.stderr)
     ids = tok.encode(args.prompt)
     if not ids:
         ids = [tok.bos_token_id]
+    vocab = int(model.config.vocab_size)
+    if max(ids) >= vocab:
+        raise CLIError(
+            f"the prompt encodes to id {max(ids)} but the model's vocab_size is {vocab}: "
+            f"tokenizer {getattr(tok, 'name', '?')} does not belong to this model"
+        )
     out = generate(
         model,
         ids,

@@ -68,10 +68,44 @@ def _documents(data: str) -> Any:
     return DocumentSource(str(p))
 
 
-def run(args: argparse.Namespace) -> int:
+def token_batches(
+    path: Path, data: str, vocab_size: int, seq_len: int, max_tokens: int, batch_size: int
+) -> list[Any]:
+    """``data`` (a file/folder or ``"default"``) tokenised with the tokenizer found at ``path`` and cut into
+    ``[B, seq_len]`` batches of about ``max_tokens`` tokens; :class:`CLIError` when it cannot be."""
     import torch
 
     from moe_lab.data import pack_documents
+
+    docs = _documents(data)
+    tok, note = _tokenizer(path)
+    if note:
+        print(note)
+    packed = pack_documents(docs, tok, seq_len)
+    seqs = torch.from_numpy(packed.sequences).long()
+    if seqs.shape[0] == 0:
+        raise CLIError(f"--data {data}: fewer than --seq-len={seq_len} tokens of text")
+    if note and int(seqs.max()) >= vocab_size:
+        # fallback byte tokenizer on a byte-vocab model (256 ids): drop the special ids (eos between
+        # documents) that the model cannot embed, and re-cut the stream
+        flat = seqs.reshape(-1)
+        keep = flat[flat < vocab_size]
+        print(f"note: dropped {flat.numel() - keep.numel()} special-token ids >= vocab_size {vocab_size}")
+        seqs = keep[: keep.numel() // seq_len * seq_len].reshape(-1, seq_len)
+        if seqs.shape[0] == 0:
+            raise CLIError(f"--data {data}: fewer than --seq-len={seq_len} tokens of text")
+    seqs = seqs[: -(-max_tokens // seq_len)]
+    if int(seqs.max()) >= vocab_size:
+        raise CLIError(
+            f"tokenizer {getattr(tok, 'name', '?')} produces id {int(seqs.max())} but the model's vocab_size "
+            f"is {vocab_size}: the tokenizer does not belong to this model"
+        )
+    return list(seqs.split(batch_size))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
     from moe_lab.inference.optimized import load_model
     from moe_lab.inference.trace import record_trace, save_trace
 
@@ -87,37 +121,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"model directory not found: {path} (a run dir, a moe-lab model dir or an HF dir)")
     if not path.is_dir():
         raise CLIError(f"{path} is not a directory (expected a run dir, a moe-lab model dir or an HF dir)")
-    docs = _documents(args.data)
     model = load_model(path)
     cfg = model.config
     if not model.moe_layers():
         raise CLIError(f"{path}: the model has no MoE layers, so there is no routing to trace")
     seq_len = min(args.seq_len, int(cfg.max_seq_len))
-    tok, note = _tokenizer(path)
-    if note:
-        print(note)
-    packed = pack_documents(docs, tok, seq_len)
-    seqs = torch.from_numpy(packed.sequences).long()
-    if seqs.shape[0] == 0:
-        raise CLIError(f"--data {args.data}: fewer than --seq-len={seq_len} tokens of text; nothing to trace")
-    vocab = int(cfg.vocab_size)
-    if note and int(seqs.max()) >= vocab:
-        # fallback byte tokenizer on a byte-vocab model (256 ids): drop the special ids (eos between
-        # documents) that the model cannot embed, and re-cut the stream
-        flat = seqs.reshape(-1)
-        keep = flat[flat < vocab]
-        print(f"note: dropped {flat.numel() - keep.numel()} special-token ids >= vocab_size {vocab}")
-        seqs = keep[: keep.numel() // seq_len * seq_len].reshape(-1, seq_len)
-        if seqs.shape[0] == 0:
-            raise CLIError(f"--data {args.data}: fewer than --seq-len={seq_len} tokens of text")
-    need = -(-args.max_tokens // seq_len)
-    seqs = seqs[:need]
-    if int(seqs.max()) >= vocab:
-        raise CLIError(
-            f"tokenizer {getattr(tok, 'name', '?')} produces id {int(seqs.max())} but the model's vocab_size "
-            f"is {cfg.vocab_size}: the tokenizer does not belong to this model"
-        )
-    batches = list(seqs.split(args.batch_size))
+    batches = token_batches(path, args.data, int(cfg.vocab_size), seq_len, args.max_tokens, args.batch_size)
     with torch.no_grad():
         trace = record_trace(model, batches, max_tokens=args.max_tokens)
     trace.metadata.update({"model": str(path), "data": str(args.data), "seq_len": seq_len})

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from moe_lab.inference.cache_policies import POLICIES, CachePolicy, make_policy
 
-__all__ = ["CacheStats", "ExpertCache", "ExpertStore"]
+__all__ = ["CacheStats", "ExpertCache", "ExpertStore", "experts_in_budget"]
 
 ExpertWeights = dict[str, Tensor]  # {"w1": [D, F], "w3": [D, F] (SwiGLU), "w2": [F, D]}
 
@@ -333,3 +333,28 @@ class ExpertCache:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+
+def experts_in_budget(store: ExpertStore, budget: str, scope: str = "per_layer") -> int:
+    """How many experts per layer a byte ``budget`` (``"24MB"``, ``"1.5GiB"``) holds: per layer with
+    ``scope="per_layer"``, shared by all layers with ``"global"`` (then per layer on average, as
+    :class:`ExpertCache`'s ``capacity``). Every expert of a model has the same size.
+
+    Example:
+        >>> import torch
+        >>> store = ExpertStore.from_tensors({0: {"w1": torch.zeros(4, 8, 16), "w2": torch.zeros(4, 16, 8)}})
+        >>> experts_in_budget(store, "2KiB")  # 1 KiB per expert
+        2
+    """
+    from moe_lab.interop.weights import parse_size
+
+    nbytes = parse_size(budget, "cache_size")
+    layer = store.layer_ids[0]
+    per_expert = store.expert_nbytes(layer, 0)
+    total = nbytes // per_expert if scope == "per_layer" else nbytes // (per_expert * len(store.layer_ids))
+    if total < 1:
+        where = "per layer" if scope == "per_layer" else f"for {len(store.layer_ids)} layers"
+        raise ValueError(
+            f"cache_size {budget!r} holds no expert {where} (one expert is {per_expert:,} bytes)"
+        )
+    return int(total)

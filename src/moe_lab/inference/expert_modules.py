@@ -106,9 +106,8 @@ class CachedExperts(nn.Module):
     def observe_router(self, module: nn.Module, inputs: tuple[Any, ...], decision: Any) -> None:
         """Forward hook on this layer's router: remember its input and the per-expert routing weight."""
         self._last_router_input = inputs[0].detach()
-        w = torch.where(
-            decision.slot_mask, decision.combine_weights, torch.zeros_like(decision.combine_weights)
-        )
+        cw = decision.combine_weights.detach()
+        w = torch.where(decision.slot_mask, cw, torch.zeros_like(cw))
         self._last_weights_E = torch.zeros(self.num_experts, dtype=torch.float32).index_add_(
             0, decision.expert_indices.reshape(-1).cpu(), w.reshape(-1).float().cpu()
         )
@@ -241,7 +240,8 @@ class QuantizedExperts(nn.Module):
         return pairs_moe(x_TD, decision, weights_for, _activation)
 
     def weight_bytes(self) -> int:
-        return sum(q.nbytes for q in (self.q_w1, self.q_w3, self.q_w2) if q is not None)
+        """Bytes of the quantised weights and their scales (the buffers, wherever they were loaded)."""
+        return sum(q.nbytes for q in self._weights() if q is not None)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, bits={self.bits}, activation={self.activation!r}"

@@ -13,7 +13,9 @@ model code:
   ``markov`` or ``pin``; optional speculative prefetch of the next layer's experts. Outputs equal the fully
   loaded model.
 - **weight-only quantisation** (:meth:`quantize`): int8 per channel or int4 in groups, per expert; routers,
-  norms, attention and embeddings stay in full precision unless asked.
+  norms, attention and embeddings stay in full precision unless asked. :meth:`save_quantized` writes the
+  quantised model (``quantization.json`` beside the usual model files); :func:`load_model` reads it back
+  without building the float experts.
 
 Example:
     >>> from moe_lab.models import MoEModel
@@ -36,23 +38,88 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lab.inference.expert_cache import ExpertCache, ExpertStore
+from moe_lab.inference.expert_cache import ExpertCache, ExpertStore, experts_in_budget
 from moe_lab.inference.expert_modules import CachedExperts, QuantizedExperts, SubsetExperts
 from moe_lab.inference.trace import record_trace
 
-__all__ = ["OptimizedMoEModel", "load_model", "perplexity", "usage_profile"]
+__all__ = ["OptimizedMoEModel", "load_model", "load_quantized", "perplexity", "usage_profile"]
 
 SELECTION_STRATEGIES = ("frequency_based", "random", "all")
+QUANT_CONFIG_NAME = "quantization.json"
+QUANT_FORMAT = "moe-lab-quantized"
+QUANT_VERSION = 1
+
+
+def _quantize_layers(model: Any, bits: int, group_size: int | None) -> None:
+    """Replace every MoE layer's experts by :class:`QuantizedExperts` (works on the meta device too)."""
+    layers = list(model.moe_layers())
+    if not layers:
+        raise ValueError("the model has no MoE layers")
+    for layer in layers:
+        if not hasattr(layer.experts, "w1_EDF"):
+            raise ValueError("quantize() needs full expert weights (call it before other transformations)")
+        layer.experts = QuantizedExperts(layer.experts, bits=bits, group_size=group_size)
+        layer.impl = "loop"
+
+
+def load_quantized(path: str | os.PathLike[str], device: str | torch.device | None = None) -> Any:
+    """Load a model written by :meth:`OptimizedMoEModel.save_quantized`.
+
+    The model is built on the meta device and the stored int8/int4 expert weights and scales are assigned
+    as they are: the float experts never exist in memory.
+
+    Example:
+        >>> # model = load_quantized("runs/demo-int8")   # or load_model("runs/demo-int8")
+    """
+    import json
+
+    from moe_lab.models import MoEModel
+    from moe_lab.models.io import assign_state, load_model_dir
+
+    d = Path(path)
+    meta_file = d / QUANT_CONFIG_NAME
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{d}: no {QUANT_CONFIG_NAME} (not a quantised model directory)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != QUANT_FORMAT:
+        raise ValueError(f'{meta_file}: expected an object with "format": "{QUANT_FORMAT}"')
+    if meta.get("version") != QUANT_VERSION:
+        raise ValueError(
+            f"{meta_file}: version {meta.get('version')!r} is not supported (expected {QUANT_VERSION})"
+        )
+    bits, group_size = meta.get("bits"), meta.get("group_size")
+    if bits not in (8, 4):
+        raise ValueError(f"{meta_file}: bits must be 8 or 4, got {bits!r}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 2):
+        raise ValueError(f"{meta_file}: group_size must be null or an integer >= 2, got {group_size!r}")
+    cfg, state = load_model_dir(d)
+    with torch.device("meta"):
+        model = MoEModel(config=cfg)
+        _quantize_layers(model, bits, group_size)
+    assign_state(model, state, str(d))
+    model.quantization = {
+        "bits": bits,
+        "group_size": group_size,
+        "quantize_router": bool(meta.get("quantize_router", False)),
+    }
+    model.eval()
+    return model.to(device) if device is not None else model
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device | None = None) -> Any:
-    """Load a model from a moe-lab model dir, a run dir (latest checkpoint) or a Hugging Face dir."""
+    """Load a model from a moe-lab model dir, a quantised model dir (:meth:`OptimizedMoEModel.save_quantized`),
+    a run dir (latest checkpoint) or a Hugging Face dir."""
     from moe_lab.models import MoEModel
     from moe_lab.models.io import WEIGHTS_NAME
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path not found: {p} (a model dir, a run dir or a Hugging Face dir)")
+    if (p / QUANT_CONFIG_NAME).is_file():
+        return load_quantized(p, device=device)
     if (p / WEIGHTS_NAME).is_file() and (
         (p / "config.yaml").is_file() or (p / "model_config.json").is_file()
     ):
@@ -212,7 +279,7 @@ class OptimizedMoEModel(nn.Module):
 
     def enable_dynamic_loading(
         self,
-        cache_size: int,
+        cache_size: int | str,
         eviction_policy: str = "lru",
         *,
         scope: str = "per_layer",
@@ -225,7 +292,15 @@ class OptimizedMoEModel(nn.Module):
         """Move every expert to a slow tier and serve them through a bounded cache; returns the cache.
 
         ``storage``: ``"disk"`` (safetensors, memory-mapped; in ``offload_dir`` or a temporary directory) or
-        ``"host"`` (host memory, pinned on CUDA). ``cache_size``: experts per layer kept on the device.
+        ``"host"`` (host memory, pinned on CUDA). ``cache_size``: experts per layer kept on the device, or a
+        byte budget as a string (``"24MB"``, ``"1.5GiB"``: per layer with ``scope="per_layer"``, in all with
+        ``"global"``), turned into the number of experts it holds (every expert has the same size).
+
+        Example:
+            >>> from moe_lab.models import MoEModel
+            >>> m = OptimizedMoEModel(MoEModel.from_preset("tiny"))
+            >>> m.enable_dynamic_loading(cache_size="200KiB", storage="host").capacity  # 96 KiB per expert
+            2
         """
         if storage not in ("disk", "host"):
             raise ValueError(f"storage must be 'disk' or 'host', got {storage!r}")
@@ -248,6 +323,8 @@ class OptimizedMoEModel(nn.Module):
             store = ExpertStore.to_disk(weights, offload_dir)
         else:
             store = ExpertStore.from_tensors(weights, pin_memory=dev.type == "cuda")
+        if isinstance(cache_size, str):
+            cache_size = experts_in_budget(store, cache_size, scope)
         cache = ExpertCache(
             store,
             cache_size,
@@ -283,18 +360,47 @@ class OptimizedMoEModel(nn.Module):
         most sensitive part. With ``quantize_router=True`` the router gate is rounded to int8 per expert row
         (stored dequantised), to measure that sensitivity.
         """
+        _quantize_layers(self.model, bits, group_size)
+        self.model.quantization = {
+            "bits": bits,
+            "group_size": self._layers()[0].experts.q_w1.group_size,  # int4's default resolved
+            "quantize_router": quantize_router,
+        }
         for layer in self._layers():
-            if not hasattr(layer.experts, "w1_EDF"):
-                raise ValueError(
-                    "quantize() needs full expert weights (call it before other transformations)"
-                )
-            layer.experts = QuantizedExperts(layer.experts, bits=bits, group_size=group_size)
-            layer.impl = "loop"
             if quantize_router:
                 w = layer.router.gate.weight
                 scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
                 w.copy_(torch.round(w / scale).clamp(-127, 127) * scale)
         return self
+
+    def save_quantized(
+        self, directory: str | os.PathLike[str], *, extra_files: dict[str, str] | None = None
+    ) -> Path:
+        """Write the quantised model to ``directory`` atomically: ``config.yaml``, ``model.safetensors``
+        (full-precision weights; each MoE layer's ``experts.w1_q`` / ``w1_scale`` ... as stored, int8 or
+        packed int4) and ``quantization.json`` (bits, group size, whether the router was rounded), plus
+        ``extra_files`` (name -> text, e.g. ``tokenizer.json``). :func:`load_model` / :func:`load_quantized`
+        read it back.
+
+        Example:
+            >>> import tempfile
+            >>> from moe_lab.models import MoEModel
+            >>> opt = OptimizedMoEModel(MoEModel.from_preset("tiny")).quantize(bits=8)
+            >>> path = opt.save_quantized(tempfile.mkdtemp() + "/tiny-int8")
+            >>> type(load_model(path).moe_layers()[0].experts).__name__
+            'QuantizedExperts'
+        """
+        import json
+
+        from moe_lab.models.io import save_model_dir
+
+        info = getattr(self.model, "quantization", None)
+        layers = self._layers()
+        if info is None or not all(isinstance(layer.experts, QuantizedExperts) for layer in layers):
+            raise ValueError("save_quantized() needs a quantised model: call quantize(bits=...) first")
+        meta = {"format": QUANT_FORMAT, "version": QUANT_VERSION, **info}
+        files = {**(extra_files or {}), QUANT_CONFIG_NAME: json.dumps(meta, indent=2) + "\n"}
+        return save_model_dir(self.model, Path(directory), extra_files=files)
 
     def expert_weight_bytes(self) -> int:
         """Bytes of expert weights held in device memory now (cache contents when offloading)."""

@@ -20,8 +20,7 @@ from moe_lab.interop.families import hf_to_moe_state, moe_to_hf_state
 from moe_lab.interop.hf_config import FAMILIES, HFArch, parse_hf_config, read_hf_config, to_hf_config
 from moe_lab.interop.weights import atomic_dir, read_checkpoint, write_checkpoint
 from moe_lab.models import ModelConfig, MoEModel
-from moe_lab.nn.huge_pages import advise_huge_pages
-from moe_lab.nn.transformer import RotaryEmbedding
+from moe_lab.models.io import assign_state
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -206,20 +205,8 @@ def load_pretrained(
     for key, value in model.state_dict().items():
         if key.endswith("router.expert_bias"):  # balancing bias: zero (HF routers have none)
             state[key] = torch.zeros(value.shape, dtype=value.dtype)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):  # non-persistent buffer: recompute off the meta device
-            module.inv_freq = torch.empty(module.inv_freq.shape, dtype=torch.float32)
-            module.reset_parameters()
-    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if on_meta:
-        raise ValueError(f"{folder}: internal mapping error, tensors left unset: {on_meta[:5]}")
+    assign_state(model, state, str(folder))
     model.hf_arch = arch  # type: ignore[assignment]  # kept for export (token ids, family)
-    advise_huge_pages(model)  # assign=True put the loaded tensors in place: large CPU ones to 2 MiB pages
     return model.to(device) if device is not None else model
 
 

@@ -41,18 +41,19 @@ SAFE_INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` / ``"500MiB"`` / ``1000`` -> bytes (decimal units like Hugging Face's ``max_shard_size``)."""
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """``"5GB"`` / ``"500MiB"`` / ``1000`` -> bytes (decimal units like Hugging Face's ``max_shard_size``);
+    errors name ``what``."""
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
+            raise ValueError(f"{what} must be positive, got {size}")
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
     if not match:
-        raise ValueError(f"max_shard_size: expected a size such as '5GB' or '500MB', got {size!r}")
+        raise ValueError(f"{what}: expected a size such as '5GB' or '500MB', got {size!r}")
     value = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
     if value <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise ValueError(f"{what} must be positive, got {size!r}")
     return value
 
 

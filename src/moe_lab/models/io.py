@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -27,7 +28,7 @@ from moe_lab.models.config import ModelConfig
 if TYPE_CHECKING:
     from moe_lab.models.model import MoEModel
 
-__all__ = ["WEIGHTS_NAME", "load_model_config", "load_model_dir", "save_model_dir"]
+__all__ = ["WEIGHTS_NAME", "assign_state", "load_model_config", "load_model_dir", "save_model_dir"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -41,13 +42,16 @@ def _state_to_save(model: MoEModel) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_model_dir(model: MoEModel, directory: str | Path) -> Path:
-    """Write ``config.yaml`` and ``model.safetensors`` into ``directory`` atomically; returns the path."""
+def save_model_dir(model: MoEModel, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``config.yaml`` and ``model.safetensors`` (plus ``extra_files``: name -> text) into
+    ``directory`` atomically; returns the path."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         model.config.to_yaml(tmp / CONFIG_NAME)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         save_file(_state_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "moe_lab": "1"})
         old = None
         if target.exists():
@@ -99,3 +103,46 @@ def load_model_dir(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor
     if cfg.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return cfg, state
+
+
+def assign_state(model: MoEModel, state: dict[str, Tensor], where: str) -> MoEModel:
+    """Put ``state`` into a ``model`` built on the meta device (no random init of weights about to be
+    overwritten): the tensors are assigned, not copied; a tied output projection is tied again; rotary
+    tables (not in the state dict) are recomputed on the CPU. ``where`` names the source in errors.
+
+    Example:
+        >>> import torch
+        >>> from moe_lab.models import MoEModel
+        >>> src = MoEModel.from_preset("tiny")
+        >>> with torch.device("meta"):
+        ...     empty = MoEModel(config=src.config)
+        >>> m = assign_state(empty, src.state_dict(), "example")
+        >>> torch.equal(m.embed_tokens.weight, src.embed_tokens.weight)
+        True
+    """
+    from moe_lab.nn.huge_pages import advise_huge_pages
+    from moe_lab.nn.transformer import RotaryEmbedding
+
+    if model.config.tie_embeddings and "embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{where}: weights do not match the config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):  # non-persistent buffer: recompute off the meta device
+            module.inv_freq = torch.empty(module.inv_freq.shape, dtype=torch.float32)
+            module.reset_parameters()
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise ValueError(f"{where}: internal mapping error, tensors left unset: {on_meta[:5]}")
+    advise_huge_pages(model)  # assign=True put the loaded tensors in place: large CPU ones to 2 MiB pages
+    return model

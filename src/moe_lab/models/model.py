@@ -161,6 +161,10 @@ class MoEModel(nn.Module):
         return self
 
     # ---- construction ------------------------------------------------------------------------------
+    quantization: dict[str, Any] | None = None
+    """Set by :mod:`moe_lab.inference` when the experts are quantised (``bits``, ``group_size``,
+    ``quantize_router``); None for a full-precision model."""
+
     DECODE_HEAD_MAX_BYTES = 256 << 20
     """Largest output projection that :meth:`_decode_head` keeps a transposed copy of (the copy costs as much
     memory as the projection); set the class or instance attribute to 0 to turn the copy off."""
