@@ -335,26 +335,25 @@ class ExpertCache:
             self._executor = None
 
 
-def experts_in_budget(store: ExpertStore, budget: str, scope: str = "per_layer") -> int:
-    """How many experts per layer a byte ``budget`` (``"24MB"``, ``"1.5GiB"``) holds: per layer with
-    ``scope="per_layer"``, shared by all layers with ``"global"`` (then per layer on average, as
-    :class:`ExpertCache`'s ``capacity``). Every expert of a model has the same size.
+def experts_in_budget(budget: str, expert_nbytes: int, num_layers: int, scope: str = "per_layer") -> int:
+    """How many experts per layer a byte ``budget`` (``"24MB"``, ``"1.5GiB"``) holds when one expert takes
+    ``expert_nbytes``: per layer with ``scope="per_layer"``, shared by ``num_layers`` layers with ``"global"``
+    (then per layer on average, as :class:`ExpertCache`'s ``capacity``). Every expert of a model has the
+    same size.
 
     Example:
-        >>> import torch
-        >>> store = ExpertStore.from_tensors({0: {"w1": torch.zeros(4, 8, 16), "w2": torch.zeros(4, 16, 8)}})
-        >>> experts_in_budget(store, "2KiB")  # 1 KiB per expert
+        >>> experts_in_budget("2KiB", expert_nbytes=1024, num_layers=4)
+        2
+        >>> experts_in_budget("2KiB", expert_nbytes=256, num_layers=4, scope="global")
         2
     """
     from moe_lab.interop.weights import parse_size
 
     nbytes = parse_size(budget, "cache_size")
-    layer = store.layer_ids[0]
-    per_expert = store.expert_nbytes(layer, 0)
-    total = nbytes // per_expert if scope == "per_layer" else nbytes // (per_expert * len(store.layer_ids))
-    if total < 1:
-        where = "per layer" if scope == "per_layer" else f"for {len(store.layer_ids)} layers"
+    per_layer = nbytes if scope == "per_layer" else nbytes // max(num_layers, 1)
+    if per_layer < expert_nbytes:
+        where = "per layer" if scope == "per_layer" else f"for {num_layers} layers"
         raise ValueError(
-            f"cache_size {budget!r} holds no expert {where} (one expert is {per_expert:,} bytes)"
+            f"cache_size {budget!r} holds no expert {where} (one expert is {expert_nbytes:,} bytes)"
         )
-    return int(total)
+    return per_layer // expert_nbytes

@@ -316,6 +316,9 @@ class OptimizedMoEModel(nn.Module):
             weights[i] = {"w1": ex.w1_EDF.detach(), "w2": ex.w2_EFD.detach()}
             if getattr(ex, "w3_EDF", None) is not None:
                 weights[i]["w3"] = ex.w3_EDF.detach()
+        if isinstance(cache_size, str):  # a byte budget, checked before anything is written
+            nbytes = sum(w[0].numel() * w.element_size() for w in weights[0].values())
+            cache_size = experts_in_budget(cache_size, nbytes, len(layers), scope)
         if storage == "disk":
             if offload_dir is None:
                 self._offload_dir = tempfile.TemporaryDirectory(prefix="moe-lab-experts-")
@@ -323,8 +326,6 @@ class OptimizedMoEModel(nn.Module):
             store = ExpertStore.to_disk(weights, offload_dir)
         else:
             store = ExpertStore.from_tensors(weights, pin_memory=dev.type == "cuda")
-        if isinstance(cache_size, str):
-            cache_size = experts_in_budget(store, cache_size, scope)
         cache = ExpertCache(
             store,
             cache_size,
