@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import types
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-__all__ = ["Config", "ConfigError", "atomic_write_text", "parse_override_value"]
+__all__ = ["Config", "ConfigError", "atomic_write_text", "parse_override_value", "type_juggling"]
 
 C = TypeVar("C", bound="Config")
 
@@ -78,6 +79,48 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+def _scalar_kinds(annotation: Any) -> set[Any]:
+    """The scalar types a field accepts: ``int | None`` -> {int, None}; a ``Literal`` counts as ``str``."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in get_args(annotation)))
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    return {origin or annotation}
+
+
+def type_juggling(annotation: Any, value: Any) -> str | None:
+    """What is wrong when ``value`` would only fit ``annotation`` by conversion, else None.
+
+    pydantic's lax mode turns ``True`` into 1, ``"64"`` into 64 and ``"yes"`` into True; in a config these
+    are almost always mistakes (a flag in the wrong key, a quoted number), so they are refused. Numeric
+    strings stay valid for float fields: YAML 1.1 reads ``1e-3`` (no dot) as a string.
+
+    >>> type_juggling(int, True), type_juggling(bool, "yes"), type_juggling(float, "1e-3")
+    ('expected an integer, not a boolean', 'expected true or false, not a string', None)
+    """
+    kinds = _scalar_kinds(annotation)
+    if any(k not in (int, float, bool, str, type(None)) for k in kinds):
+        return None  # lists, nested sections, ...: pydantic's own checks
+    if isinstance(value, bool):
+        if bool in kinds:
+            return None
+        if int in kinds and float not in kinds:
+            return "expected an integer, not a boolean"
+        if float in kinds:
+            return "expected a number, not a boolean"
+    elif isinstance(value, str):
+        if str in kinds or float in kinds:
+            return None
+        if int in kinds:
+            return "expected an integer, not a string"
+        if bool in kinds:
+            return "expected true or false, not a string"
+    elif isinstance(value, (int, float)) and kinds & {int, float, str} == set() and bool in kinds:
+        return "expected true or false, not a number"
+    return None
+
+
 class Config(BaseModel):
     """Base class of all configuration sections: validated, unknown keys are errors.
 
@@ -92,6 +135,21 @@ class Config(BaseModel):
             super().__init__(**data)
         except ValidationError as err:
             raise ConfigError(_format_validation_error(type(self).__name__, err)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(type(self).__name__, err)) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_type_juggling(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        problem = type_juggling(field.annotation, value) if field is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     # ---- dict / YAML -------------------------------------------------------------------------------
     @classmethod

@@ -60,9 +60,30 @@ def test_info_summarises_huge_configs_without_allocating(capsys):
     assert 12.8e9 < data["num_active_params"] < 13.0e9
 
 
+def test_info_reads_run_configs_and_model_dotted_overrides(capsys):
+    # the training config of the demo (preset: small + data/train sections) describes the small model
+    from moe_lab.train.config import RunConfig
+
+    assert main(["info", "configs/train/small.yaml", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ref = MoEModel(RunConfig.load(config_file="configs/train/small.yaml").model)
+    assert data["num_params"] == ref.num_params() == MoEModel.from_preset("small").num_params()
+    # `model.` keys, as `moe-lab train --set` writes them, and bare field names do the same
+    assert main(["info", "tiny", "--json", "--set", "model.num_experts=16"]) == 0
+    dotted = json.loads(capsys.readouterr().out)
+    assert main(["info", "tiny", "--json", "--set", "num_experts=16"]) == 0
+    assert json.loads(capsys.readouterr().out) == dotted
+    assert dotted["num_params"] == MoEModel(get_preset("tiny", num_experts=16)).num_params()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["info", "tiny", "--set", "train.max_steps=5"], "info only describes the model"),
+        (
+            ["info", "tiny", "--set", "model.num_experts=yes"],
+            "num_experts: expected an integer, not a boolean",
+        ),
         (["info", "nope"], "unknown preset 'nope'"),
         (["info", "missing.yaml"], "config file not found"),
         (["info", "tiny", "--set", "experts_per_token=9"], "experts_per_token"),

@@ -42,6 +42,39 @@ def test_errors_name_the_key(fields, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_experts": True}, "num_experts: expected an integer, not a boolean (got True)"),
+        ({"hidden_size": "64"}, "hidden_size: expected an integer, not a string (got '64')"),
+        ({"tie_embeddings": "yes"}, "tie_embeddings: expected true or false, not a string (got 'yes')"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob: expected true or false, not a number (got 1)"),
+        ({"aux_loss_coef": False}, "aux_loss_coef: expected a number, not a boolean (got False)"),
+        ({"num_layers": 2.5}, "num_layers: Input should be a valid integer"),
+        ({"aux_loss_coef": "lots"}, "aux_loss_coef: Input should be a valid number"),
+        ({"moe_layers": "0,1"}, "moe_layers: Input should be a valid list"),
+    ],
+)
+def test_wrong_types_name_the_key_and_the_expected_type(fields, message):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**fields)
+    assert message in str(err.value)
+
+
+def test_valid_values_that_need_no_juggling_still_load():
+    # YAML 1.1 reads 1e-3 (no dot) as a string: numeric strings stay valid for float fields
+    cfg = ModelConfig(aux_loss_coef="1e-3", capacity_factor=None, num_layers=2.0, tie_embeddings=False)
+    assert cfg.aux_loss_coef == 0.001 and cfg.num_layers == 2 and cfg.tie_embeddings is False
+
+
+def test_assignment_is_validated_with_the_same_messages():
+    cfg = ModelConfig()
+    with pytest.raises(ConfigError, match="num_experts: expected an integer, not a string"):
+        cfg.num_experts = "abc"  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="num_expert: Object has no attribute"):
+        cfg.num_expert = 4  # type: ignore[attr-defined]
+
+
 def test_defaults_and_derived_values():
     cfg = ModelConfig(hidden_size=64, num_heads=4)
     assert cfg.kv_heads == 4 and cfg.effective_head_dim == 16

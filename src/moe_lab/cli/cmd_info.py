@@ -1,7 +1,12 @@
 """``moe-lab info PRESET|CONFIG.yaml``: parameters, active parameters, FLOPs per token and layer layout.
 
+A CONFIG is a model config (the fields of ``ModelConfig``, or a ``model:`` section) or a run config as
+``moe-lab train --config`` takes it (``preset:``, ``model:``, ``data:``, ``train:`` ...).
+
 Example:
     $ moe-lab info small
+    $ moe-lab info small --set model.num_experts=16
+    $ moe-lab info configs/train/small.yaml
     $ moe-lab info configs/olmoe-like.yaml --set num_experts=32 --seq-len 512 --json
 """
 
@@ -18,20 +23,43 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "info",
         help="show a model's size: parameters, active parameters per token, FLOPs per token, layers",
-        description="Summarise a model preset or a YAML config (its `model:` section) without allocating it.",
+        description=(
+            "Summarise a model preset, a model config or a run config (its model) without allocating it."
+        ),
     )
-    p.add_argument("model", help="preset name (see --list) or a YAML file with a `model:` section")
+    p.add_argument(
+        "model", help="preset name, a model config YAML or a run config YAML (moe-lab train --config)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a model field, e.g. --set num_experts=16 (repeatable)",
+        help="override a model field, e.g. --set model.num_experts=16 or num_experts=16 (repeatable)",
     )
     p.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default max_seq_len)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
+
+
+RUN_SECTIONS = {"preset", "model", "data", "train", "parallel", "inference", "name", "seed"}
+"""Top-level keys that make a YAML file a run config rather than a bare model config."""
+
+
+def _model_overrides(overrides: list[str]) -> list[str]:
+    """``model.num_experts=16`` and ``num_experts=16`` both override the model; other sections are refused."""
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model."):
+            item = item.strip()[len("model.") :]
+        elif "." in key and key.split(".", 1)[0] in RUN_SECTIONS:
+            raise CLIError(
+                f"--set {item}: info only describes the model; use model.* keys (or bare field names)"
+            )
+        out.append(item)
+    return out
 
 
 def _load_config(spec: str):  # type: ignore[no-untyped-def]
@@ -48,8 +76,13 @@ def _load_config(spec: str):  # type: ignore[no-untyped-def]
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if isinstance(data, dict) and "model" in data:
-            data = data["model"]
+        if isinstance(data, dict) and RUN_SECTIONS & set(data):  # a run config: the trainer's reading of it
+            from moe_lab.train.config import RunConfig
+
+            try:
+                return RunConfig.load(config_file=str(path)).model, str(path)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
         try:
             return ModelConfig.from_dict(data), str(path)
         except ConfigError as err:
@@ -64,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, title = _load_config(args.model)
     if args.overrides:
-        cfg = cfg.with_overrides(args.overrides)
+        cfg = cfg.with_overrides(_model_overrides(args.overrides))
     if args.seq_len is not None and args.seq_len < 1:
         raise CLIError(f"--seq-len must be >= 1, got {args.seq_len}")
     summary = model_summary(cfg, args.seq_len)
