@@ -24,7 +24,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-__all__ = ["Config", "ConfigError", "atomic_write_text", "parse_override_value", "type_juggling"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "atomic_write_text",
+    "parse_override_value",
+    "type_juggling",
+    "yaml_error_text",
+]
 
 C = TypeVar("C", bound="Config")
 
@@ -53,6 +60,23 @@ def _format_validation_error(cls_name: str, err: ValidationError, prefix: str = 
                 msg = msg[len("Value error, ") :]
             lines.append(f"{key}: {msg} (got {got_s})")
     return "; ".join(lines)
+
+
+def yaml_error_text(err: Exception) -> str:
+    """One line for a YAML (or decoding) error: the problem and where, e.g. ``mapping values are not allowed
+    here (line 3, column 8)``; PyYAML's own text spans several lines.
+
+    >>> try:
+    ...     yaml.safe_load("a: 1\\nb: c: d\\n")
+    ... except yaml.YAMLError as e:
+    ...     print(yaml_error_text(e))
+    mapping values are not allowed here (line 2, column 5)
+    """
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
 
 
 def parse_override_value(text: str) -> Any:
@@ -176,7 +200,7 @@ class Config(BaseModel):
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {yaml_error_text(err)}") from None
         try:
             return cls.from_dict(data)
         except ConfigError as err:

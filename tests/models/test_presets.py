@@ -12,7 +12,7 @@ from moe_lab.config import ConfigError
 from moe_lab.models import ModelConfig, MoEModel, get_preset, list_presets, register_preset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-NAMES = ["tiny", "small", "switch", "mixtral-like", "olmoe-like", "dense"]
+NAMES = ["tiny", "small", "switch", "mixtral-like", "olmoe-like", "qwen-moe-like", "dense"]
 
 
 def test_all_presets_listed():

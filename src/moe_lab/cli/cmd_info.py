@@ -65,7 +65,7 @@ def _model_overrides(overrides: list[str]) -> list[str]:
 def _load_config(spec: str):  # type: ignore[no-untyped-def]
     import yaml
 
-    from moe_lab.config import ConfigError
+    from moe_lab.config import ConfigError, yaml_error_text
     from moe_lab.models import ModelConfig, get_preset, list_presets
 
     path = Path(spec)
@@ -75,7 +75,7 @@ def _load_config(spec: str):  # type: ignore[no-untyped-def]
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {yaml_error_text(err)}") from None
         if isinstance(data, dict) and RUN_SECTIONS & set(data):  # a run config: the trainer's reading of it
             from moe_lab.train.config import RunConfig
 

@@ -5,7 +5,7 @@ The trainer's entry point is :func:`build_datasets`::
     >>> from moe_lab.data import DataConfig, build_datasets, make_batch_iterator
     >>> cfg = DataConfig(source="default", tokenizer="byte", seq_len=128, max_bytes=200_000)
     >>> train_ds, val_ds, tok = build_datasets(cfg)
-    >>> it = make_batch_iterator(train_ds, batch_size=4, seed=cfg.seed)
+    >>> it = make_batch_iterator(train_ds, batch_size=4, seed=0)
     >>> batch = next(it)                     # {"input_ids": LongTensor[4, 128]}
     >>> state = it.state_dict()              # save with the checkpoint; it.load_state_dict(state) resumes
 

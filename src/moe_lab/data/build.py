@@ -116,7 +116,7 @@ def build_datasets(
             cfg.seq_len,
             split="train",
             shuffle_buffer=cfg.shuffle_buffer,
-            seed=cfg.seed,
+            seed=cfg.seed or 0,  # the trainer's iterator passes the run's data-order seed per epoch
             **common,
         )
         val_s = None

@@ -50,8 +50,9 @@ class DataConfig(Config):
     """Put ``bos`` before each document (``eos`` always follows each document)."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (by a stable hash of each document); 0 = none."""
-    seed: int = 0
-    """Seed of the shuffling (the validation split does not depend on it)."""
+    seed: int | None = None
+    """Seed of the data order (the per-epoch shuffle; None: ``train.seed``). The validation split does not
+    depend on it."""
     streaming: bool = False
     """Read, tokenize and pack on the fly instead of in memory (for corpora larger than memory)."""
     shuffle_buffer: int = 1024
@@ -91,8 +92,8 @@ class DataConfig(Config):
 
     @field_validator("seed", "shuffle_buffer")
     @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
+    def _non_negative(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
             raise ValueError("must be >= 0")
         return v
 

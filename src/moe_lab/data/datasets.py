@@ -260,7 +260,7 @@ def make_batch_iterator(
 ) -> BatchIterator | StreamingBatchIterator:
     """The resumable batch iterator that fits ``dataset`` (map-style, or a ``StreamingPackedDataset``).
 
-    Training: ``make_batch_iterator(train_ds, B, seed=cfg.seed)`` (infinite, reshuffled per epoch).
+    Training: ``make_batch_iterator(train_ds, B, seed=0)`` (infinite, reshuffled per epoch).
     Evaluation: ``make_batch_iterator(val_ds, B, shuffle=False, drop_last=False, epochs=1)``.
     """
     from moe_lab.data.streaming import StreamingBatchIterator, StreamingPackedDataset

@@ -8,6 +8,7 @@ The ``configs/<name>.yaml`` files hold the same settings as YAML (a test keeps t
 ``switch``     Switch Transformer: top-1 switch router, capacity 1.25, MoE every other layer
 ``mixtral-like`` Mixtral at small scale: 8 experts top-2 SwiGLU, GQA 8/2 heads, rope 1e6
 ``olmoe-like`` OLMoE at small scale: 64 fine-grained experts top-8, QK-norm "full", no renorm
+``qwen-moe-like`` Qwen2-MoE at small scale: 16 experts top-4 (no renorm) + one gated shared expert, q/k/v bias
 ``dense``      dense SwiGLU with the same active parameters as ``small``
 =============  ================================================================================
 
@@ -82,6 +83,20 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": False,
         "qk_norm": "full",
         "rms_norm_eps": 1e-5,
+        "tie_embeddings": False,
+    },
+    "qwen-moe-like": {
+        **_SMALL,
+        "ffn_hidden_size": 256,
+        "num_experts": 16,
+        "experts_per_token": 4,
+        "norm_topk_prob": False,
+        "num_shared_experts": 1,
+        "shared_expert_hidden_size": 512,
+        "shared_expert_gate": True,
+        "attention_bias": True,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
         "tie_embeddings": False,
     },
     "dense": {

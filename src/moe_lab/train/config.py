@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from moe_lab.config import Config, ConfigError
+from moe_lab.config import Config, ConfigError, yaml_error_text
 from moe_lab.data import DataConfig
 from moe_lab.models import ModelConfig, get_preset
 from moe_lab.parallel.config import ParallelConfig
@@ -86,7 +86,7 @@ class TrainConfig(Config):
     expert_dropout: float | None = Field(default=None, ge=0, lt=1)
     """Override the model's expert dropout (None = keep the model's)."""
     seed: int = 0
-    """Seed of model init, data order and dropout."""
+    """Seed of model init, dropout and (unless ``data.seed`` is set) the data order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` = CUDA when available, else CPU."""
     compile: bool = False
@@ -189,7 +189,7 @@ class RunConfig(Config):
             try:
                 loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
             except (yaml.YAMLError, UnicodeDecodeError) as err:
-                raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+                raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_text(err)}") from None
             if loaded is None:
                 loaded = {}
             if not isinstance(loaded, dict):

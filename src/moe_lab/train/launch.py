@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,21 @@ def train_from_config(
         model, cfg.train, run_dir=run, callbacks=callbacks, tokenizer=tok, run_config=cfg, console=console
     )
     val_ds = _with_baseline(trainer, train_ds, val_ds, int(tok.vocab_size))
-    return trainer.train(train_ds, val_ds)
+    try:
+        return trainer.train(train_ds, val_ds)
+    except Exception:
+        if ctx.is_main:
+            _remove_if_unstarted(run)
+        raise
+
+
+def _remove_if_unstarted(run: RunDir) -> None:
+    """A run that failed before its first step (a batch larger than the data, streaming without
+    ``max_steps``, ...) leaves no half-made folder that blocks the same command: removed when it holds no
+    checkpoint and no metrics."""
+    metrics = run.metrics_path
+    if latest_checkpoint(run.path) is None and (not metrics.exists() or metrics.stat().st_size == 0):
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 def _job(cfg: RunConfig) -> Any:
@@ -190,12 +205,11 @@ def resume_run(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the run's tokenizer's "
             f"({tok.vocab_size}): the tokenizer can produce ids the model cannot embed"
         )
-    ctx = _job(cfg)
+    _job(cfg)  # joins the torchrun job, if any, before the model is built
     seed_everything(cfg.train.seed)
     model = MoEModel(cfg.model)
     run = RunDir(path)
-    if ctx.is_main:
-        cfg.to_yaml(run.config_path)
+    # config.yaml is rewritten by the trainer once the checkpoint has been restored into this config
     trainer = MoETrainer(
         model, cfg.train, run_dir=run, callbacks=callbacks, tokenizer=tok, run_config=cfg, console=console
     )
@@ -225,7 +239,13 @@ def load_run_model(
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint")
     meta = json.loads((ckpt_dir / "trainer_state.json").read_text(encoding="utf-8"))
     model_cfg = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else cfg.model
+    tok = load_run_tokenizer(run_dir, cfg)
+    if int(tok.vocab_size) > model_cfg.vocab_size:
+        raise ConfigError(
+            f"{ckpt_dir}: the checkpoint's model embeds {model_cfg.vocab_size} token ids but the tokenizer of "
+            f"{run_dir} has {tok.vocab_size}: the checkpoint belongs to another run"
+        )
     model = MoEModel(model_cfg)
     load_checkpoint(ckpt_dir, model=model, restore_rng=False)  # a DCP checkpoint too (resharded)
     model.to(device).eval()
-    return model, cfg, load_run_tokenizer(run_dir, cfg), ckpt_dir
+    return model, cfg, tok, ckpt_dir

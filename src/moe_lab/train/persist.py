@@ -120,6 +120,8 @@ def save_trainer_checkpoint(tr: MoETrainer) -> Path:
         "train_config": tr.config.to_dict(),
         "total_steps": tr.total_steps,
     }
+    if tr.run_config is not None and hasattr(tr.run_config, "to_dict"):
+        meta["run_config"] = tr.run_config.to_dict()  # the exact config (all sections) of this checkpoint
     save = mdist.save_dcp_checkpoint if tr.ctx.distributed else save_checkpoint
     extra = {"ctx": tr.ctx} if tr.ctx.distributed else {}
     path = save(

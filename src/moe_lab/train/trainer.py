@@ -181,8 +181,17 @@ class MoETrainer:
             self._wrapped = mdist.parallelize(self.model, self.ctx, self.parallel.data_parallel)
         return preloaded
 
+    def _data_seed(self) -> int:
+        """Seed of the data order: the run config's ``data.seed`` when set, else ``train.seed``."""
+        data = getattr(self.run_config, "data", None)
+        seed = getattr(data, "seed", None)
+        return int(seed) if seed is not None else int(self.config.seed)
+
     def _resume(self, ckpt: Path, preloaded: Any = None) -> None:
         restore_checkpoint(self, ckpt, preloaded)
+        # only now that the checkpoint fits: a refused resume (changed model or data) leaves config.yaml as it was
+        if self.run_dir is not None and self.is_main_process and self.run_config is not None:
+            self.run_config.to_yaml(self.run_dir.config_path)
 
     # ---- public API --------------------------------------------------------------------------------
     def train(
@@ -220,7 +229,7 @@ class MoETrainer:
         model = self._wrapped if self._wrapped is not None else self.model
         self._fwd = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
         self.optimizer = self._build_optimizer()  # after parallelisation, over the unwrapped model
-        self._iter = make_train_iterator(train_ds, cfg.batch_size, seed=cfg.seed)
+        self._iter = make_train_iterator(train_ds, cfg.batch_size, seed=self._data_seed())
         self.total_steps = total_steps(self.config, self._iter)
         self.resumed_from = None
         if ckpt is not None:
