@@ -11,6 +11,10 @@ Contenders, all with the same weights:
 
 Outputs and gradients (input, router, expert weights) are checked against each peer first. Timing is done
 in rotation (A B C A B C ...); median and min are reported, with ratios to the floor and to the best peer.
+At 256 tokens and fewer the table also gives the memory traffic of the expert weights: the experts the
+batch touches, the MB moved per forward + backward (each touched expert's three matrices read twice, in the
+forward and for the input gradient, and their gradients written once: 3 x their bytes; the floor moves its
+one FFN's) and that over the median time in GB/s.
 
 Run:
     python benchmarks/moe_layer.py [--quick] [--dtype fp32|bf16] [--out results.json] [--no-append]
@@ -291,16 +295,23 @@ def bench_case(shape_name: str, tokens: int, dtype: torch.dtype, args: argparse.
     floor = statistics.median(next(c for c in contenders if c.name.startswith("floor")).times_ms)
     peers = [statistics.median(c.times_ms) for c in contenders if c.is_peer and c.times_ms]
     best_peer = min(peers) if peers else float("nan")
-    weight_bytes = 3 * shape["E"] * shape["D"] * shape["F"] * torch.empty((), dtype=dtype).element_size()
+    # bytes moved per forward + backward: each touched expert's three matrices are read twice (forward, input
+    # gradient) and their gradients written once; the floor is one dense FFN of the same shape
+    with torch.no_grad():
+        touched = int(ours.router(x.reshape(-1, shape["D"])).expert_indices.unique().numel())
+    expert_bytes = 3 * shape["D"] * shape["F"] * torch.empty((), dtype=dtype).element_size()
     rows = []
     for c in contenders:
         med = statistics.median(c.times_ms) if c.times_ms else float("nan")
+        moved = 3 * expert_bytes * (1 if c.name.startswith("floor") else touched)
         rows.append({
             "shape": shape_name, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
             "contender": c.name, "median_ms": med,
             "min_ms": min(c.times_ms) if c.times_ms else float("nan"),
             "vs_floor": med / floor, "vs_best_peer": med / best_peer,
-            "weight_GBps": (2 * weight_bytes / (med / 1e3) / 1e9) if tokens <= 256 else None,
+            "experts_touched": 1 if c.name.startswith("floor") else touched,
+            "weight_MB_moved": moved / 1e6,
+            "weight_GBps": (moved / (med / 1e3) / 1e9) if tokens <= 256 else None,
             "reps": len(c.times_ms), "note": c.note,
         })  # fmt: skip
     return rows
@@ -308,14 +319,16 @@ def bench_case(shape_name: str, tokens: int, dtype: torch.dtype, args: argparse.
 
 def to_markdown(rows: list[dict]) -> str:
     head = (
-        "| shape | tokens | contender | median ms | min ms | x floor | x best peer | weights GB/s | check |"
+        "| shape | tokens | contender | median ms | min ms | x floor | x best peer | experts touched | "
+        "weight MB moved | weights GB/s | check |"
     )
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         gbps = f"{r['weight_GBps']:.1f}" if r["weight_GBps"] else ""
         lines.append(
             f"| {r['shape']} | {r['tokens']} | {r['contender']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-            f"{r['vs_floor']:.2f} | {r['vs_best_peer']:.2f} | {gbps} | {r['note']} |"
+            f"{r['vs_floor']:.2f} | {r['vs_best_peer']:.2f} | {r['experts_touched']} | "
+            f"{r['weight_MB_moved']:.1f} | {gbps} | {r['note']} |"
         )
     return "\n".join(lines)
 

@@ -66,6 +66,37 @@ def test_tiny_model_overfits_one_batch():
     assert last < 0.1 * first, (first, last)
 
 
+def test_tiny_preset_overfits_one_batch():
+    # the wording: the `tiny` preset itself, loss below 0.1 x its start within a few hundred steps
+    torch.manual_seed(0)
+    model = MoEModel.from_preset("tiny")
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = last = None
+    for _ in range(300):
+        out = model(ids, labels=ids)
+        last = float(out.lm_loss.detach())
+        first = last if first is None else first
+        if last < 0.1 * first:
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert last < 0.1 * first, (first, last)
+
+
+def test_aux_loss_is_coef_times_layers_at_perfect_balance():
+    # uniform router probabilities (zero gates) make every layer's Switch loss exactly 1.0 whatever the
+    # choices: the model's aux_loss is then aux_loss_coef x the number of MoE layers
+    for coef in (0.01, 0.25):
+        torch.manual_seed(0)
+        model = MoEModel.from_preset("tiny", aux_loss_coef=coef, num_layers=3)  # train mode: losses on
+        for layer in model.moe_layers():
+            torch.nn.init.zeros_(layer.router.gate.weight)
+        out = model(torch.randint(0, 256, (2, 16)))
+        assert out.aux_loss.item() == pytest.approx(coef * 3, rel=1e-6)
+
+
 def test_right_padding_does_not_change_real_logits():
     model = _model(1)
     ids = torch.randint(1, 64, (1, 5))
@@ -240,4 +271,20 @@ def test_config_forms():
     assert MoEModel(cfg.to_dict()).config == cfg
     assert MoEModel(cfg, num_layers=1).config.num_layers == 1
     with pytest.raises(TypeError, match="ModelConfig"):
-        MoEModel(42)
+        MoEModel("tiny")  # type: ignore[arg-type]
+    assert MoEModel(42).config.vocab_size == 42  # an int is the first field by position
+
+
+def test_leading_fields_by_position():
+    m = MoEModel(256, 64, 2, 4, 8, 2, "top_k", num_kv_heads=2)
+    ref = MoEModel(
+        vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_experts=8, experts_per_token=2,
+        router_type="top_k", num_kv_heads=2,
+    )  # fmt: skip
+    assert m.config == ref.config
+    with pytest.raises(TypeError, match="both by position and by keyword"):
+        MoEModel(256, 64, vocab_size=128)
+    with pytest.raises(TypeError, match="at most 7 positional fields"):
+        MoEModel(256, 64, 2, 4, 8, 2, "top_k", 3)
+    with pytest.raises(TypeError, match="further fields must be keywords"):
+        MoEModel(m.config, 4)

@@ -307,3 +307,9 @@ def test_decoding_with_the_rotary_span_equals_the_formula():
         assert torch.equal(logits(), fast)
     finally:
         handle.remove()
+
+
+def test_attention_refuses_a_hidden_size_its_heads_do_not_divide():
+    with pytest.raises(ValueError, match=r"hidden_size \(30\) must be divisible by num_heads \(4\)"):
+        Attention(30, 4)
+    assert Attention(30, 4, head_dim=8).q_proj.out_features == 32  # an explicit head_dim is fine

@@ -88,15 +88,44 @@ class MoEModel(nn.Module):
     """Decoder LM with dense or MoE FFN layers, built from a :class:`ModelConfig` or keyword fields.
 
     ``MoEModel(cfg)``, ``MoEModel(vocab_size=256, num_experts=8, ...)`` or ``MoEModel(cfg, num_layers=4)``
-    (fields override the config). Family subclasses (``MixtralModel``, ...) supply family defaults.
+    (fields override the config), or the leading fields by position: ``MoEModel(vocab_size, hidden_size,
+    num_layers, num_heads, num_experts, experts_per_token, router_type, **more_fields)``. Family subclasses
+    (``MixtralModel``, ...) supply family defaults.
+
+    >>> MoEModel(256, 64, 2, 4, 8, 2, "top_k").config.num_experts
+    8
     """
 
     family: ClassVar[str | None] = None
     family_defaults: ClassVar[dict[str, Any]] = {}
+    POSITIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_experts",
+        "experts_per_token",
+        "router_type",
+    )
 
-    def __init__(self, config: ModelConfig | dict[str, Any] | None = None, **fields: Any) -> None:
+    def __init__(
+        self, config: ModelConfig | dict[str, Any] | int | None = None, *args: Any, **fields: Any
+    ) -> None:
         super().__init__()
-        cfg = _make_config(config, self.family_defaults, fields)
+        if isinstance(config, int) and not isinstance(config, bool):
+            args, config = (config, *args), None  # the fields by position, from vocab_size
+        elif args:
+            raise TypeError("MoEModel(config, ...): further fields must be keywords")
+        if len(args) > len(self.POSITIONAL_FIELDS):
+            raise TypeError(
+                f"MoEModel takes at most {len(self.POSITIONAL_FIELDS)} positional fields "
+                f"({', '.join(self.POSITIONAL_FIELDS)}), got {len(args)}"
+            )
+        for name, value in zip(self.POSITIONAL_FIELDS, args):
+            if name in fields:
+                raise TypeError(f"MoEModel got {name!r} both by position and by keyword")
+            fields[name] = value
+        cfg = _make_config(config, self.family_defaults, fields)  # type: ignore[arg-type]  # checks the type
         self.config = cfg
         self.gradient_checkpointing = False
         d = cfg.hidden_size

@@ -5,7 +5,7 @@ F expert FFN dim. ``counts_E`` gives how many consecutive rows of ``x_ND`` belon
 
 Implementations (``impl``): ``"grouped_mm"`` uses ``torch._grouped_mm`` (one call per weight, autograd
 included); ``"loop"`` runs one plain matmul per expert; ``"auto"`` picks ``grouped_mm`` when this torch
-has it and the row strides of D and F elements are multiples of 16 bytes (its rule), else ``"loop"``. The obvious per-expert reference lives in ``tests/nn/_reference.py`` and the tests compare every
+has it and the row strides of D and F elements are multiples of 16 bytes (its rule), else ``"loop"``. The obvious per-expert reference lives in ``tests/nn/_moe_reference.py`` and the tests compare every
 implementation with it (outputs and all gradients).
 """
 

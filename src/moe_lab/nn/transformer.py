@@ -209,6 +209,10 @@ class Attention(nn.Module):
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
             )
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}), or give head_dim"
+            )
         self.head_dim = head_dim or hidden_size // num_heads
         self.layer_idx = layer_idx
         self.dropout = dropout
