@@ -46,6 +46,10 @@ def test_config_validation_names_the_key() -> None:
         DataConfig(format="csv")
     with pytest.raises(ConfigError, match="bpe_vocab_size"):
         DataConfig(bpe_vocab_size=100)
+    # streaming + BPE needs a cap on the text BPE is trained on (it is held in memory)
+    with pytest.raises(ConfigError, match="bpe_train_bytes: set a byte cap"):
+        DataConfig(streaming=True, tokenizer="bpe", bpe_train_bytes=None)
+    assert DataConfig(streaming=True, tokenizer="bpe").bpe_train_bytes == 16_000_000
     cfg = DataConfig().with_overrides(["seq_len=64", "tokenizer=bpe"])
     assert (cfg.seq_len, cfg.tokenizer) == (64, "bpe")
     assert DataConfig.from_dict(cfg.to_dict()) == cfg

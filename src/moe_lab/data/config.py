@@ -108,6 +108,11 @@ class DataConfig(Config):
     def _default_corpus_format(self) -> DataConfig:
         if self.source == "default" and self.format != "auto":
             raise ValueError("source 'default' is the bundled corpus; leave format as 'auto'")
+        if self.streaming and self.tokenizer == "bpe" and self.bpe_train_bytes is None:
+            raise ValueError(
+                "bpe_train_bytes: set a byte cap (e.g. 16000000) when streaming: BPE training holds its "
+                "text in memory, and a streamed corpus may not fit"
+            )
         return self
 
     def build(
