@@ -117,16 +117,11 @@ def model_dir(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    p = tmp_path / "data.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
-
-
 def test_cli_quantize_reports_and_saves(
-    model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    data_file = tmp_path / "data.txt"
+    data_file.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "int8"
     rc = main(["quantize", str(model_dir), "--bits", "8", "--data", str(data_file), "--eval-tokens", "512",
                "--seq-len", "64", "-o", str(out)])  # fmt: skip

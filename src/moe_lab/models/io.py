@@ -28,7 +28,14 @@ from moe_lab.models.config import ModelConfig
 if TYPE_CHECKING:
     from moe_lab.models.model import MoEModel
 
-__all__ = ["WEIGHTS_NAME", "assign_state", "load_model_config", "load_model_dir", "save_model_dir"]
+__all__ = [
+    "WEIGHTS_NAME",
+    "assign_state",
+    "check_state_matches",
+    "load_model_config",
+    "load_model_dir",
+    "save_model_dir",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -125,15 +132,7 @@ def assign_state(model: MoEModel, state: dict[str, Tensor], where: str) -> MoEMo
 
     if model.config.tie_embeddings and "embed_tokens.weight" in state:
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{where}: weights do not match the config (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
-        )
+    check_state_matches(model.state_dict(), state, where)
     model.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -146,3 +145,15 @@ def assign_state(model: MoEModel, state: dict[str, Tensor], where: str) -> MoEMo
         raise ValueError(f"{where}: internal mapping error, tensors left unset: {on_meta[:5]}")
     advise_huge_pages(model)  # assign=True put the loaded tensors in place: large CPU ones to 2 MiB pages
     return model
+
+
+def check_state_matches(own: dict[str, Tensor], state: dict[str, Tensor], where: str) -> None:
+    """Raise a ValueError naming ``where`` unless ``state`` has exactly the keys and shapes of ``own``."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{where}: weights do not match the config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+        )

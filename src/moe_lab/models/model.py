@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_lab.models.config import ModelConfig
-from moe_lab.models.io import load_model_dir, save_model_dir
+from moe_lab.models.io import check_state_matches, load_model_dir, save_model_dir
 from moe_lab.nn.eager import cached_copy, call_module, unhooked
 from moe_lab.nn.huge_pages import advise_huge_pages
 from moe_lab.nn.losses import (
@@ -266,15 +266,7 @@ class MoEModel(nn.Module):
         """Load a directory written by :meth:`save_pretrained`."""
         cfg, state = load_model_dir(directory)
         model = cls(config=cfg)
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{directory}: weights do not match the config (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
-            )
+        check_state_matches(model.state_dict(), state, str(directory))
         model.load_state_dict(state)
         return model.to(device) if device is not None else model
 
