@@ -40,12 +40,13 @@ def _ids(seed=1, b=2, s=24):
     return torch.randint(0, 128, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
 @pytest.mark.parametrize(
     ("policy", "capacity", "storage"),
     [(p, c, "host") for p in ("lru", "lfu", "lfu_admit", "weighted_lru", "markov", "pin") for c in (1, 3, 8)]
     + [("lru", 1, "disk"), ("weighted_lru", 8, "disk"), ("lfu_admit", 3, "disk"), ("markov", 3, "disk")],
 )
-def test_cached_model_equals_full_model(policy, capacity, storage, tmp_path):
+def test_cached_model_equals_full_model(policy, capacity, storage, scope, tmp_path):
     base = _model()
     ids = _ids()
     with torch.no_grad():
@@ -53,7 +54,7 @@ def test_cached_model_equals_full_model(policy, capacity, storage, tmp_path):
     opt = OptimizedMoEModel(_copy(base))
     profile = torch.arange(24, dtype=torch.float).reshape(3, 8)
     cache = opt.enable_dynamic_loading(
-        capacity, policy, storage=storage, offload_dir=tmp_path / "experts", profile=profile
+        capacity, policy, scope=scope, storage=storage, offload_dir=tmp_path / "experts", profile=profile
     )
     with torch.no_grad():
         out = opt(ids).logits
@@ -63,7 +64,10 @@ def test_cached_model_equals_full_model(policy, capacity, storage, tmp_path):
     stats = cache.get_stats()
     assert stats.requests > 0
     assert stats.hits + stats.misses == stats.requests
-    assert len(cache.resident_experts(0)) <= capacity
+    if scope == "per_layer":
+        assert len(cache.resident_experts(0)) <= capacity
+    else:
+        assert sum(len(cache.resident_experts(i)) for i in range(3)) <= capacity * 3
     if capacity == 8 and policy != "pin":
         assert stats.hits > 0
     opt.close()
@@ -262,6 +266,26 @@ def test_cache_size_budget_errors():
     assert opt.cache is None  # nothing half-enabled
 
 
+def test_bad_cache_arguments_write_no_offload_files(tmp_path):
+    opt = OptimizedMoEModel(_copy(_model()))
+    for args, kwargs, message in (
+        ((0,), {}, "cache_size must be a positive"),
+        ((2, "fifo"), {}, "eviction_policy must be one of"),
+        ((2, "pin"), {}, "needs a usage profile"),
+        ((2,), {"scope": "shared"}, "scope must be"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            opt.enable_dynamic_loading(*args, offload_dir=tmp_path / "experts", **kwargs)
+        assert not (tmp_path / "experts").exists() or not any((tmp_path / "experts").iterdir())
+    assert opt.cache is None
+
+
+def test_selective_loading_refuses_expert_choice_routers():
+    opt = OptimizedMoEModel(_copy(_model(router_type="expert_choice", capacity_factor=1.0)))
+    with pytest.raises(ValueError, match="needs token-choice routers"):
+        opt.select_experts(4)
+
+
 def test_errors(tmp_path):
     base = _model()
     opt = OptimizedMoEModel(_copy(base))
@@ -280,3 +304,26 @@ def test_errors(tmp_path):
     base.save_pretrained(str(tmp_path / "m"))
     with pytest.raises(ValueError, match="expert_selection_strategy must be one of"):
         OptimizedMoEModel.from_pretrained(tmp_path / "m", expert_selection_strategy="best")
+
+
+def test_usage_profile_from_a_trace_file(tmp_path):
+    from moe_lab.inference.trace import record_trace, save_trace
+
+    base = _model()
+    base.save_pretrained(str(tmp_path / "m"))
+    calib = [_ids(seed=s) for s in range(3)]
+    path = save_trace(record_trace(base, calib), tmp_path / "calib.safetensors")
+    a = OptimizedMoEModel.from_pretrained(
+        tmp_path / "m", expert_selection_strategy="frequency_based", num_experts_to_load=4, usage=path
+    )
+    b = OptimizedMoEModel.from_pretrained(
+        tmp_path / "m", expert_selection_strategy="frequency_based", num_experts_to_load=4,
+        usage=usage_profile(base, calib),
+    )  # fmt: skip
+    assert a.loaded_experts == b.loaded_experts
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ValueError, match="not a usage profile"):
+        OptimizedMoEModel.from_pretrained(
+            tmp_path / "m", expert_selection_strategy="frequency_based", num_experts_to_load=4,
+            usage=tmp_path / "bad.json",
+        )  # fmt: skip

@@ -37,7 +37,7 @@ def test_save_load_roundtrip_is_bitwise(tmp_path: Path, bits: int, group_size: i
     assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors", "quantization.json"]
     meta = json.loads((path / "quantization.json").read_text())
     assert meta["bits"] == bits and meta["format"] == "moe-lab-quantized"
-    assert meta["group_size"] == (None if bits == 8 else group_size or 64)
+    assert meta["group_size"] == group_size  # as asked; None = the per-weight default
 
     loaded = load_model(path)
     assert loaded.quantization["bits"] == bits
@@ -55,6 +55,21 @@ def test_save_load_roundtrip_is_bitwise(tmp_path: Path, bits: int, group_size: i
     a = generate(opt.model, ids[:1, :8].tolist()[0], max_new_tokens=6, temperature=0.0)
     b = generate(loaded, ids[:1, :8].tolist()[0], max_new_tokens=6, temperature=0.0)
     assert a.new_tokens == b.new_tokens
+
+
+def test_int4_default_groups_follow_each_weights_shape(tmp_path: Path) -> None:
+    # D=32 and F=48: the default group is min(64, input dim) per weight (32 for w1/w3, 48 for w2); the
+    # saved model must come back with the same groups
+    torch.manual_seed(0)
+    model = MoEModel(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=48).eval()
+    opt = OptimizedMoEModel(model).quantize(bits=4)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        ref = opt(ids).logits
+    loaded = load_model(opt.save_quantized(tmp_path / "q"))
+    assert loaded.quantization["group_size"] is None
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
 
 
 def test_from_pretrained_and_resave(tmp_path: Path) -> None:
@@ -188,3 +203,23 @@ def test_cli_generate_from_a_quantised_dir(tmp_path: Path, capsys: pytest.Captur
     MoEModel.from_preset("tiny", vocab_size=100).save_pretrained(str(tmp_path / "small-vocab"))
     assert main(["generate", str(tmp_path / "small-vocab"), "--prompt", "\u20ac"]) == 2
     assert "does not belong to this model" in capsys.readouterr().err
+
+
+def test_cli_generate_stop_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_lab.data import ByteTokenizer
+
+    torch.manual_seed(1)
+    MoEModel.from_preset("tiny", vocab_size=260).save_pretrained(str(tmp_path / "m"))
+    base = ["generate", str(tmp_path / "m"), "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(base) == 0
+    full = capsys.readouterr().out.rstrip("\n")[2:]
+    new = generate(load_model(tmp_path / "m"), list(b"ab"), max_new_tokens=12, temperature=0.0).new_tokens[0]
+    assert full == ByteTokenizer().decode(new)
+    # --stop TEXT: the output ends before the first occurrence
+    stop = full[4:6]
+    assert stop and main([*base, "--stop", stop]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == "ab" + full[: full.find(stop)]
+    # --stop-token-id ID: generation ends after that token
+    assert main([*base, "--stop-token-id", str(new[2])]) == 0
+    first = new.index(new[2])
+    assert capsys.readouterr().out.rstrip("\n") == "ab" + ByteTokenizer().decode(new[: first + 1])

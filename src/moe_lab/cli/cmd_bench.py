@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument(
         "--preset", metavar="NAME", help="benchmark a random-init preset instead (tiny, small, ...)"
     )
-    g.add_argument("--batch-sizes", type=int_list, default=[1, 8], metavar="B,B")
-    g.add_argument("--prompt-lengths", type=int_list, default=[128], metavar="S,S")
+    g.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32], metavar="B,B")
+    g.add_argument("--prompt-lengths", type=int_list, default=[128, 512], metavar="S,S")
     g.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens to generate (>= 2)")
     g.add_argument(
         "--variants", default="eager,compiled,int8,cached", help="comma-separated: eager,compiled,int8,cached"

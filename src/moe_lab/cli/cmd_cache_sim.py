@@ -32,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--profile", default=None, help="calibration trace for the `pin` policy (default: the trace)"
     )
     p.add_argument("--decay", type=float, default=0.9, help="decay of the weighted_lru score per request")
-    p.add_argument("--plot", default=None, help="write a hit-rate plot (PNG) here")
+    p.add_argument(
+        "--plot", default=None, help="hit-rate plot (PNG) to write (default: TRACE with .cache-sim.png)"
+    )
+    p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.set_defaults(func=run)
 
@@ -60,11 +63,17 @@ def run(args: argparse.Namespace) -> int:
         f"trace: {trace.num_tokens} tokens, {trace.num_layers} MoE layers, {trace.num_experts} experts, "
         f"{trace.top_k} slots per token"
     )
+    offline = ["belady"]
     if "pin" in policies and profile is None:
-        print("note: `pin` uses the trace's own expert frequencies (offline static placement)")
-    print(format_table(results))
-    if args.plot:
-        print(f"plot: {plot_results(results, args.plot)}")
+        offline.append("pin")
+        print(
+            "note: `pin` uses the trace's own expert frequencies (offline static placement), so it is not "
+            "counted as online; give --profile CALIB_TRACE to make it an online policy"
+        )
+    print(format_table(results, offline=offline))
+    if not args.no_plot:
+        plot = args.plot or str(Path(args.trace).with_suffix("")) + ".cache-sim.png"
+        print(f"plot: {plot_results(results, plot)}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.to_dict() for r in results], indent=2), encoding="utf-8")
         print(f"json: {args.json_out}")

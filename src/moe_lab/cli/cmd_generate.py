@@ -35,6 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--top-k", type=int, default=None, metavar="K")
     p.add_argument("--top-p", type=float, default=None, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampling (reproducible)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the generated text contains TEXT (repeatable; the output ends before it)",
+    )
+    p.add_argument(
+        "--stop-token-id",
+        action="append",
+        type=int,
+        default=[],
+        metavar="ID",
+        help="stop after generating this token id (repeatable; besides the tokenizer's eos)",
+    )
     p.add_argument("--checkpoint", metavar="PATH", help="a specific checkpoint folder (default: the newest)")
     p.set_defaults(func=run)
 
@@ -79,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        stop_strings=args.stop,
+        stop_token_ids=args.stop_token_id,
+        tokenizer=tok if args.stop else None,
     )
-    print(args.prompt + tok.decode(out.new_tokens[0]))
+    text = tok.decode(out.new_tokens[0])
+    cuts = [text.find(st) for st in args.stop if st and st in text]
+    print(args.prompt + (text[: min(cuts)] if cuts else text))
     return 0

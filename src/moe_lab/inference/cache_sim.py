@@ -188,8 +188,11 @@ def compare_policies(
     ]
 
 
-def format_table(results: Sequence[SimResult]) -> str:
-    """A markdown table: one row per (scope, capacity), one column per policy, plus best-online/Belady."""
+def format_table(results: Sequence[SimResult], offline: Sequence[str] = ("belady",)) -> str:
+    """A markdown table: one row per (scope, capacity), one column per policy, plus best-online/Belady.
+
+    ``offline``: policies left out of "best online" (Belady's MIN; ``pin`` too when its frequencies come from
+    the replayed trace itself rather than a separate calibration trace)."""
     policies = list(dict.fromkeys(r.policy for r in results))
     groups: dict[tuple[str, int], dict[str, SimResult]] = {}
     for r in results:
@@ -202,7 +205,7 @@ def format_table(results: Sequence[SimResult]) -> str:
     for (scope, cap), row in groups.items():
         cells = [scope, str(cap)] + [f"{row[p].hit_rate:.3f}" if p in row else "" for p in policies]
         if has_belady and "belady" in row:
-            online = [r.hit_rate for p, r in row.items() if p != "belady"]
+            online = [r.hit_rate for p, r in row.items() if p not in offline]
             opt = row["belady"].hit_rate
             cells.append(f"{max(online) / opt:.3f}" if online and opt > 0 else "n/a")
         lines.append("| " + " | ".join(cells) + " |")

@@ -178,6 +178,24 @@ class ExpertCache:
         prefetch: start a background thread for :meth:`prefetch` requests.
     """
 
+    @staticmethod
+    def check_arguments(capacity: int | str, policy: str, scope: str, profile: Tensor | None) -> None:
+        """Raise a ValueError for a bad policy, scope, capacity (a number of experts; a string is a byte
+        budget, checked by :func:`experts_in_budget`) or a ``pin`` policy without a profile."""
+        if policy not in POLICIES or policy == "belady":
+            online = [p for p in POLICIES if p != "belady"]
+            raise ValueError(
+                f"eviction_policy must be one of {', '.join(online)} (belady is offline), got {policy!r}"
+            )
+        if scope not in ("per_layer", "global"):
+            raise ValueError(f"scope must be 'per_layer' or 'global', got {scope!r}")
+        if not isinstance(capacity, str) and (
+            not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1
+        ):
+            raise ValueError(f"cache_size must be a positive number of experts, got {capacity!r}")
+        if policy == "pin" and profile is None:
+            raise ValueError("eviction_policy='pin' needs a usage profile (profile=[L, E] counts)")
+
     def __init__(
         self,
         store: ExpertStore,
@@ -190,15 +208,12 @@ class ExpertCache:
         prefetch: bool = False,
         decay: float = 0.9,
     ) -> None:
-        if policy not in POLICIES or policy == "belady":
-            online = [p for p in POLICIES if p != "belady"]
+        self.check_arguments(capacity, policy, scope, profile)
+        if isinstance(capacity, str):
             raise ValueError(
-                f"eviction_policy must be one of {', '.join(online)} (belady is offline), got {policy!r}"
+                "ExpertCache capacity is a number of experts; turn a byte budget into one with "
+                "experts_in_budget (enable_dynamic_loading does)"
             )
-        if scope not in ("per_layer", "global"):
-            raise ValueError(f"scope must be 'per_layer' or 'global', got {scope!r}")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"cache_size must be a positive number of experts, got {capacity!r}")
         if capacity > store.num_experts and scope == "per_layer":
             capacity = store.num_experts
         self.store = store
@@ -209,8 +224,6 @@ class ExpertCache:
         self._lock = threading.RLock()
         self._resident: dict[Hashable, ExpertWeights] = {}
         self._policies: dict[int | None, CachePolicy] = {}
-        if policy == "pin" and profile is None:
-            raise ValueError("eviction_policy='pin' needs a usage profile (profile=[L, E] counts)")
         layer_pos = {layer: i for i, layer in enumerate(store.layer_ids)}
         if scope == "per_layer":
             for layer in store.layer_ids:

@@ -188,8 +188,9 @@ class OptimizedMoEModel(nn.Module):
     ) -> OptimizedMoEModel:
         """Load a model and optionally keep only ``num_experts_to_load`` experts per MoE layer.
 
-        ``usage`` is a ``[L, E]`` tensor or a JSON file (``{"usage": [[...], ...]}``) of expert counts, e.g.
-        from :func:`usage_profile` or ``RouterMonitor``; without it, ``calibration_data`` is routed to record
+        ``usage`` is a ``[L, E]`` tensor, a JSON file (``{"usage": [[...], ...]}``) of expert counts, e.g.
+        from :func:`usage_profile` or ``RouterMonitor``, or a routing trace written by ``moe-lab trace``
+        (``.safetensors``); without it, ``calibration_data`` is routed to record
         one. ``expert_selection_strategy``: ``"frequency_based"`` (most used), ``"random"`` (a baseline,
         seeded) or ``"all"``.
         """
@@ -223,7 +224,17 @@ class OptimizedMoEModel(nn.Module):
             p = Path(usage)
             if not p.is_file():
                 raise FileNotFoundError(f"usage profile not found: {p}")
-            data = json.loads(p.read_text(encoding="utf-8"))
+            if p.suffix == ".safetensors":  # a routing trace (`moe-lab trace`): its expert counts
+                from moe_lab.inference.trace import load_trace
+
+                return load_trace(p).expert_frequencies()
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(
+                    f'{p}: not a usage profile (JSON {{"usage": [[...], ...]}} or a routing trace '
+                    f".safetensors): {err}"
+                ) from None
             usage = torch.tensor(data["usage"] if isinstance(data, dict) else data, dtype=torch.float64)
         return torch.as_tensor(usage)
 
@@ -249,6 +260,13 @@ class OptimizedMoEModel(nn.Module):
     ) -> dict[int, list[int]]:
         """Keep ``num_experts_to_load`` experts per MoE layer (most used in ``profile``, else random)."""
         layers = self._layers()
+        from moe_lab.nn.router import ExpertChoiceRouter
+
+        if any(isinstance(layer.router, ExpertChoiceRouter) for layer in layers):
+            raise ValueError(
+                "selective expert loading needs token-choice routers (top_k, switch, sigmoid_bias): with "
+                "expert_choice every expert picks its own tokens, so none can be left out"
+            )
         e = int(layers[0].num_experts)
         k = int(getattr(layers[0].router, "top_k", 1))
         if not isinstance(num_experts_to_load, int) or not k <= num_experts_to_load <= e:
@@ -316,6 +334,7 @@ class OptimizedMoEModel(nn.Module):
             weights[i] = {"w1": ex.w1_EDF.detach(), "w2": ex.w2_EFD.detach()}
             if getattr(ex, "w3_EDF", None) is not None:
                 weights[i]["w3"] = ex.w3_EDF.detach()
+        ExpertCache.check_arguments(cache_size, eviction_policy, scope, profile)  # before anything is written
         if isinstance(cache_size, str):  # a byte budget, checked before anything is written
             nbytes = sum(w[0].numel() * w.element_size() for w in weights[0].values())
             cache_size = experts_in_budget(cache_size, nbytes, len(layers), scope)
@@ -364,7 +383,7 @@ class OptimizedMoEModel(nn.Module):
         _quantize_layers(self.model, bits, group_size)
         self.model.quantization = {
             "bits": bits,
-            "group_size": self._layers()[0].experts.q_w1.group_size,  # int4's default resolved
+            "group_size": group_size,  # as asked: None = int4's default, resolved per weight from its shape
             "quantize_router": quantize_router,
         }
         for layer in self._layers():
