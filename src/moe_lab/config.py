@@ -103,11 +103,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def _scalar_kinds(annotation: Any) -> set[Any]:
+def scalar_kinds(annotation: Any) -> set[Any]:
     """The scalar types a field accepts: ``int | None`` -> {int, None}; a ``Literal`` counts as ``str``."""
     origin = get_origin(annotation)
     if origin in (Union, types.UnionType):
-        return set().union(*(_scalar_kinds(a) for a in get_args(annotation)))
+        return set().union(*(scalar_kinds(a) for a in get_args(annotation)))
     if origin is Literal:
         return {type(a) for a in get_args(annotation)}
     return {origin or annotation}
@@ -123,7 +123,7 @@ def type_juggling(annotation: Any, value: Any) -> str | None:
     >>> type_juggling(int, True), type_juggling(bool, "yes"), type_juggling(float, "1e-3")
     ('expected an integer, not a boolean', 'expected true or false, not a string', None)
     """
-    kinds = _scalar_kinds(annotation)
+    kinds = scalar_kinds(annotation)
     if any(k not in (int, float, bool, str, type(None)) for k in kinds):
         return None  # lists, nested sections, ...: pydantic's own checks
     if isinstance(value, bool):

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 
-from moe_lab.config import Config, ConfigError
+from moe_lab.config import Config, ConfigError, parse_override_value, scalar_kinds
 
 __all__ = ["ENV_PREFIX", "DashboardSettings"]
 
@@ -40,6 +40,16 @@ _ENV_FIELDS = {
     "SYNC_S": "sync_interval_s",
     "MAX_POINTS": "max_points",
 }
+
+
+def _env_value(cls: type[Config], name: str, text: str) -> Any:
+    """An environment variable's text as the field's type: numbers and flags are parsed (YAML: ``9001``,
+    ``true``), text fields (host, URL, path) are kept exactly as written."""
+    field = cls.model_fields.get(name)
+    kinds = scalar_kinds(field.annotation) if field is not None else set()
+    if kinds and kinds <= {int, float, bool, type(None)}:
+        return parse_override_value(text)
+    return text
 
 
 class DashboardSettings(Config):
@@ -68,7 +78,7 @@ class DashboardSettings(Config):
         for suffix, name in _ENV_FIELDS.items():
             value = env.get(ENV_PREFIX + suffix)
             if value not in (None, ""):
-                data[name] = value
+                data[name] = _env_value(cls, name, value)
         if "store_url" not in data and "runs_dir" not in data and env.get("MOE_LAB_STORE_URL"):
             data["store_url"] = env["MOE_LAB_STORE_URL"]
         data.update({k: v for k, v in overrides.items() if v is not None})
