@@ -67,12 +67,12 @@ def run(args: argparse.Namespace) -> int:
     if (path / "checkpoints").is_dir() or args.checkpoint or not path.is_dir():
         model, _, tok, _ = load_run_model(args.run_dir, checkpoint=args.checkpoint)
     else:  # a model directory: its own tokenizer.json, else bytes
-        from moe_lab.cli.cmd_trace import _tokenizer
+        from moe_lab.cli.cmd_trace import find_tokenizer
         from moe_lab.inference.optimized import load_model
 
         model = load_model(path)
         model.eval()
-        tok, note = _tokenizer(path)
+        tok, note = find_tokenizer(path)
         if note:
             print(note, file=sys.stderr)
     ids = tok.encode(args.prompt)

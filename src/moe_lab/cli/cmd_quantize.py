@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moe_lab.cli.cmd_trace import _tokenizer, token_batches
+    from moe_lab.cli.cmd_trace import find_tokenizer, token_batches
     from moe_lab.inference.optimized import OptimizedMoEModel, load_model, perplexity
 
     path, out = Path(args.model), Path(args.output)
@@ -75,10 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "quantization", None) is not None:
         raise CLIError(f"{path} is already quantised ({model.quantization['bits']}-bit)")
     cfg = model.config
+    tok, note = find_tokenizer(path)
     batches = []
     if args.eval_tokens:
+        if note:
+            print(note)
         seq_len = min(args.seq_len, int(cfg.max_seq_len))
-        batches = token_batches(path, args.data, int(cfg.vocab_size), seq_len, args.eval_tokens, 4)
+        batches = token_batches(tok, note, args.data, int(cfg.vocab_size), seq_len, args.eval_tokens, 4)
     opt = OptimizedMoEModel(model)
     full_bytes = opt.expert_weight_bytes()
     with torch.no_grad():
@@ -88,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise CLIError(f"--group-size: {err}") from None
         after = perplexity(model, batches) if batches else None
-    tok, note = _tokenizer(path)
     extra = {}
     if note is None:  # the source's own tokenizer travels with the model
         with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def _tokenizer(path: Path) -> tuple[Any, str | None]:
+def find_tokenizer(path: Path) -> tuple[Any, str | None]:
     """The run's tokenizer, else the byte tokenizer with a note saying so."""
     from moe_lab.data import ByteTokenizer, load_tokenizer
 
@@ -69,18 +69,16 @@ def _documents(data: str) -> Any:
 
 
 def token_batches(
-    path: Path, data: str, vocab_size: int, seq_len: int, max_tokens: int, batch_size: int
+    tok: Any, note: str | None, data: str, vocab_size: int, seq_len: int, max_tokens: int, batch_size: int
 ) -> list[Any]:
-    """``data`` (a file/folder or ``"default"``) tokenised with the tokenizer found at ``path`` and cut into
-    ``[B, seq_len]`` batches of about ``max_tokens`` tokens; :class:`CLIError` when it cannot be."""
+    """``data`` (a file/folder or ``"default"``) tokenised with ``tok`` (``note``: the fallback message of
+    :func:`find_tokenizer`, None for the model's own tokenizer) and cut into ``[B, seq_len]`` batches of
+    about ``max_tokens`` tokens; :class:`CLIError` when it cannot be."""
     import torch
 
     from moe_lab.data import pack_documents
 
     docs = _documents(data)
-    tok, note = _tokenizer(path)
-    if note:
-        print(note)
     packed = pack_documents(docs, tok, seq_len)
     seqs = torch.from_numpy(packed.sequences).long()
     if seqs.shape[0] == 0:
@@ -126,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
     if not model.moe_layers():
         raise CLIError(f"{path}: the model has no MoE layers, so there is no routing to trace")
     seq_len = min(args.seq_len, int(cfg.max_seq_len))
-    batches = token_batches(path, args.data, int(cfg.vocab_size), seq_len, args.max_tokens, args.batch_size)
+    tok, note = find_tokenizer(path)
+    if note:
+        print(note)
+    batches = token_batches(
+        tok, note, args.data, int(cfg.vocab_size), seq_len, args.max_tokens, args.batch_size
+    )
     with torch.no_grad():
         trace = record_trace(model, batches, max_tokens=args.max_tokens)
     trace.metadata.update({"model": str(path), "data": str(args.data), "seq_len": seq_len})

@@ -24,7 +24,14 @@ from moe_lab.config import Config
 if TYPE_CHECKING:
     from moe_lab.models.model import MoEModel
 
-__all__ = ["ROUTER_TYPES", "LayerSpec", "ModelConfig", "ResolvedLayer"]
+__all__ = [
+    "POSITIONAL_FIELDS",
+    "ROUTER_TYPES",
+    "LayerSpec",
+    "ModelConfig",
+    "ResolvedLayer",
+    "model_config_from_args",
+]
 
 ROUTER_TYPES = ("top_k", "switch", "expert_choice", "sigmoid_bias")
 RouterType = Literal["top_k", "switch", "expert_choice", "sigmoid_bias"]
@@ -261,3 +268,47 @@ class ModelConfig(Config):
         from moe_lab.models.model import MoEModel
 
         return MoEModel(self)
+
+
+POSITIONAL_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_experts",
+    "experts_per_token",
+    "router_type",
+)
+"""The fields ``MoEModel`` takes by position, in order."""
+
+
+def model_config_from_args(
+    config: Any, args: tuple[Any, ...], fields: dict[str, Any], defaults: dict[str, Any]
+) -> ModelConfig:
+    """The :class:`ModelConfig` of ``MoEModel(config, *args, **fields)``: a config or dict (fields override
+    it), or the leading fields by position (:data:`POSITIONAL_FIELDS`); ``defaults`` are a family's.
+
+    >>> model_config_from_args(256, (64, 2, 4, 8, 2, "top_k"), {}, {}).num_experts
+    8
+    """
+    fields = dict(fields)
+    if isinstance(config, int) and not isinstance(config, bool):
+        args, config = (config, *args), None  # the fields by position, from vocab_size
+    elif args:
+        raise TypeError("MoEModel(config, ...): further fields must be keywords")
+    if len(args) > len(POSITIONAL_FIELDS):
+        raise TypeError(
+            f"MoEModel takes at most {len(POSITIONAL_FIELDS)} positional fields "
+            f"({', '.join(POSITIONAL_FIELDS)}), got {len(args)}"
+        )
+    for name, value in zip(POSITIONAL_FIELDS, args):
+        if name in fields:
+            raise TypeError(f"MoEModel got {name!r} both by position and by keyword")
+        fields[name] = value
+    if config is None:
+        return ModelConfig(**{**defaults, **fields})
+    if isinstance(config, dict):
+        return ModelConfig(**{**defaults, **config, **fields})
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
+    return ModelConfig(**{**config.to_dict(), **fields}) if fields else config

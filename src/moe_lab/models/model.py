@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moe_lab.models.config import ModelConfig
+from moe_lab.models.config import ModelConfig, model_config_from_args
 from moe_lab.models.io import check_state_matches, load_model_dir, save_model_dir
 from moe_lab.nn.eager import cached_copy, call_module, unhooked
 from moe_lab.nn.huge_pages import advise_huge_pages
@@ -72,18 +72,6 @@ class MoEOutput:
     kv_cache: KVCache | None = None
 
 
-def _make_config(
-    config: ModelConfig | dict[str, Any] | None, defaults: dict[str, Any], fields: dict[str, Any]
-) -> ModelConfig:
-    if config is None:
-        return ModelConfig(**{**defaults, **fields})
-    if isinstance(config, dict):
-        return ModelConfig(**{**defaults, **config, **fields})
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
-    return ModelConfig(**{**config.to_dict(), **fields}) if fields else config
-
-
 class MoEModel(nn.Module):
     """Decoder LM with dense or MoE FFN layers, built from a :class:`ModelConfig` or keyword fields.
 
@@ -98,34 +86,12 @@ class MoEModel(nn.Module):
 
     family: ClassVar[str | None] = None
     family_defaults: ClassVar[dict[str, Any]] = {}
-    POSITIONAL_FIELDS: ClassVar[tuple[str, ...]] = (
-        "vocab_size",
-        "hidden_size",
-        "num_layers",
-        "num_heads",
-        "num_experts",
-        "experts_per_token",
-        "router_type",
-    )
 
     def __init__(
         self, config: ModelConfig | dict[str, Any] | int | None = None, *args: Any, **fields: Any
     ) -> None:
         super().__init__()
-        if isinstance(config, int) and not isinstance(config, bool):
-            args, config = (config, *args), None  # the fields by position, from vocab_size
-        elif args:
-            raise TypeError("MoEModel(config, ...): further fields must be keywords")
-        if len(args) > len(self.POSITIONAL_FIELDS):
-            raise TypeError(
-                f"MoEModel takes at most {len(self.POSITIONAL_FIELDS)} positional fields "
-                f"({', '.join(self.POSITIONAL_FIELDS)}), got {len(args)}"
-            )
-        for name, value in zip(self.POSITIONAL_FIELDS, args):
-            if name in fields:
-                raise TypeError(f"MoEModel got {name!r} both by position and by keyword")
-            fields[name] = value
-        cfg = _make_config(config, self.family_defaults, fields)  # type: ignore[arg-type]  # checks the type
+        cfg = model_config_from_args(config, args, fields, self.family_defaults)
         self.config = cfg
         self.gradient_checkpointing = False
         d = cfg.hidden_size
